@@ -1,0 +1,516 @@
+"""Study files as frozen pydantic models: every key typed, unknown keys rejected with a suggestion.
+
+A study file has a base (`data`, `model`, `train`), optional `runs:` (named overrides of the base)
+and `grid:` (dotted keys crossed with each other), and `seeds:`. `study.py` expands it into one
+`RunConfig` per run; this module only parses, merges and validates.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from classlab.errors import ClasslabError, one_line
+from classlab.registry import suggest
+
+
+class Strict(BaseModel):
+    """Base for every config section: immutable, and a typo is an error rather than ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+DATASETS = ("fashion-mnist", "mnist", "idx", "demo", "image-folder", "fer2013")
+
+
+class Normalize(Strict):
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> Normalize:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError("mean and std need the same, non-zero number of values (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("every std must be > 0")
+        return self
+
+
+class Augment(Strict):
+    """Train-time augmentation, applied to whole batches on the device."""
+
+    hflip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
+    rotate: float = Field(0.0, ge=0, le=180, description="max rotation in degrees, uniform in ±rotate")
+
+    @field_validator("hflip", mode="before")
+    @classmethod
+    def _bool_flip(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return 0.5 if v else 0.0
+        return v
+
+
+class PermutePixels(Strict):
+    seed: int
+
+
+class Subset(Strict):
+    """A stratified, seeded sample of a split, for quick experiments and the demo."""
+
+    train: int | None = Field(None, gt=0)
+    test: int | None = Field(None, gt=0)
+
+
+class DataConfig(Strict):
+    dataset: Literal[DATASETS] = "fashion-mnist"  # type: ignore[valid-type]
+    root: str | None = None
+    download: bool = True
+    val_fraction: float | None = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="only for folders without a test split")
+    split_seed: int = 0
+    channels: Literal[1, 3] | None = Field(None, description="image folders: 1 gray, 3 RGB, None = guess")
+    image_size: tuple[int, int] | None = Field(None, description="image folders: resize to [H, W] at load")
+    relabel: dict[str, list[str | int]] | None = None
+    permute_pixels: PermutePixels | None = None
+    normalize: Normalize | None = None
+    augment: Augment = Augment()
+    subset: Subset | None = None
+
+
+# ----------------------------------------------------------------------------- models
+
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "gelu", "sigmoid", "elu", "silu")
+
+
+class Empty(Strict):
+    pass
+
+
+class ConvSpec(Strict):
+    out: int = Field(gt=0)
+    kernel: int = Field(3, gt=0)
+    stride: int = Field(1, gt=0)
+    padding: int | Literal["same"] = 0
+
+
+class PoolSpec(Strict):
+    kernel: int = Field(2, gt=0)
+    stride: int | None = Field(None, gt=0)
+
+
+class LinearSpec(Strict):
+    out: int = Field(gt=0)
+
+
+class DropoutSpec(Strict):
+    p: float = Field(ge=0, lt=1)
+
+
+class LeakySpec(Strict):
+    slope: float = 0.01
+
+
+_SHORTHAND = {"conv": "out", "maxpool": "kernel", "avgpool": "kernel", "linear": "out", "dropout": "p",
+              "leaky_relu": "slope"}
+
+
+class LayerSpec(Strict):
+    """One layer of a `cnn` model. In YAML: `relu`, `flatten`, `{conv: {out: 32, kernel: 5}}`,
+    `{maxpool: 2}`, `{linear: 200}`, `{dropout: 0.25}`; the final Linear to the class count is added."""
+
+    conv: ConvSpec | None = None
+    maxpool: PoolSpec | None = None
+    avgpool: PoolSpec | None = None
+    linear: LinearSpec | None = None
+    dropout: DropoutSpec | None = None
+    leaky_relu: LeakySpec | None = None
+    bn: Empty | None = None
+    relu: Empty | None = None
+    tanh: Empty | None = None
+    gelu: Empty | None = None
+    sigmoid: Empty | None = None
+    elu: Empty | None = None
+    silu: Empty | None = None
+    flatten: Empty | None = None
+    gap: Empty | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {v: {}}
+        if isinstance(v, dict):
+            out = {}
+            for key, val in v.items():
+                if val is None:
+                    val = {}
+                elif not isinstance(val, dict) and key in _SHORTHAND:
+                    val = {_SHORTHAND[key]: val}
+                out[key] = val
+            return out
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LayerSpec:
+        set_keys = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(set_keys) != 1:
+            raise ValueError(f"a layer needs exactly one kind, got {set_keys or 'none'}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+    @property
+    def params(self) -> BaseModel:
+        return getattr(self, self.kind)
+
+
+class MLPConfig(Strict):
+    name: Literal["mlp"]
+    hidden: list[Annotated[int, Field(gt=0)]] = [256, 128, 64]
+    activation: Literal[ACTIVATIONS] = "relu"  # type: ignore[valid-type]
+    batchnorm: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout_after: list[int] | None = Field(None, description="1-based hidden layers; None = all")
+
+
+class CNNConfig(Strict):
+    name: Literal["cnn"]
+    layers: list[LayerSpec] = Field(min_length=1)
+
+
+PRESETS = ("study_a_cnn", "study_b_cnn", "study_c_cnn", "study_d_mlp", "study_e_cnn")
+
+
+class PresetConfig(Strict):
+    """The reference studies' networks by name; the switches mirror choices the studies left open."""
+
+    name: Literal[PRESETS]  # type: ignore[valid-type]
+    batchnorm: bool | None = None
+    dropout: float | None = Field(None, ge=0, lt=1)
+
+
+ModelConfig = Annotated[MLPConfig | CNNConfig | PresetConfig, Field(discriminator="name")]
+MODEL_NAMES = ("mlp", "cnn", *PRESETS)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Scheduler(Strict):
+    name: Literal["none", "step", "cosine"] = "none"
+    step_size: int = Field(5, gt=0)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class EarlyStopping(Strict):
+    patience: int = Field(3, gt=0)
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(1024, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    l1: float = Field(0.0, ge=0, description="L1 penalty on all weights (not biases)")
+    loss: Literal["cross_entropy", "nll"] = "cross_entropy"
+    softmax_before_loss: bool = False
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    scheduler: Scheduler = Scheduler()
+    early_stopping: EarlyStopping | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, gt=0)
+    amp: bool = True
+    tensorboard: bool = False
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise ValueError("nesterov needs optimizer: sgd and momentum > 0")
+        return self
+
+
+# ----------------------------------------------------------------------------- runs and studies
+
+
+class RunConfig(Strict):
+    """One fully resolved run: what `runs.py` writes as config.yaml and `fit` trains."""
+
+    name: str
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.train.early_stopping is not None and self.data.val_fraction is None:
+            raise ValueError("train.early_stopping needs a validation split: set data.val_fraction")
+        return self
+
+
+class StudyConfig(Strict):
+    """The study file as written; `runs` and `grid` hold raw overrides validated per run."""
+
+    name: str | None = None
+    out_dir: str = "runs"
+    seeds: list[int] = Field([0], min_length=1)
+    data: dict[str, Any] = {}
+    model: dict[str, Any]
+    train: dict[str, Any] = {}
+    runs: list[dict[str, Any]] | None = None
+    grid: dict[str, list[Any]] | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct")
+        return v
+
+    @field_validator("runs")
+    @classmethod
+    def _runs(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("runs: is empty; list at least one run, or remove the key")
+        names = []
+        for i, run in enumerate(v):
+            name = run.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"run {i} needs a name")
+            if not all(c.isalnum() or c in "-_." for c in name):
+                raise ValueError(f"run name '{name}' may only hold letters, digits, '-', '_' and '.'")
+            names.append(name)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate run names: {', '.join(dupes)}")
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("grid: is empty")
+        for key, values in v.items():
+            if key.split(".")[0] not in ("data", "model", "train"):
+                raise ValueError(f"grid key '{key}' must start with data., model. or train.")
+            if not values:
+                raise ValueError(f"grid key '{key}' has no values")
+        return v
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe loading, plus YAML 1.2 floats: `lr: 1e-3` is a number, not the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Safe-load a YAML mapping; a Python tag or a syntax error is one clear line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClasslabError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClasslabError(f"{path}: cannot read ({e})") from None
+    try:
+        raw = yaml_load(text)
+    except yaml.constructor.ConstructorError as e:
+        line = f" line {e.problem_mark.line + 1}:" if e.problem_mark else ""
+        raise ClasslabError(
+            f"{path}:{line} {one_line(e.problem or e)}; classlab reads plain YAML only (no Python tags)"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}:" if mark else ""
+        raise ClasslabError(f"{path}:{line} invalid YAML ({one_line(getattr(e, 'problem', e))})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ClasslabError(f"{path}: a study file must be a mapping of keys (data, model, train, ...)")
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.epochs=3' -> ('train.epochs', 3); the value is read as YAML so types come out right."""
+    if "=" not in text:
+        raise ClasslabError(f"override '{text}' must look like key.path=value, e.g. train.epochs=3")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ClasslabError(f"override '{text}' has an empty key")
+    try:
+        parsed = yaml_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set tree['a']['b'] for key 'a.b', creating mappings on the way."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge `update` into a copy of `base`. A model override naming another model replaces it whole."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if "." in key:
+            set_dotted(out, key, copy.deepcopy(value))
+            continue
+        current = out.get(key)
+        switches_model = (
+            key == "model" and isinstance(value, dict) and isinstance(current, dict)
+            and "name" in value and value["name"] != current.get("name")
+        )
+        if isinstance(value, dict) and isinstance(current, dict) and not switches_model:
+            out[key] = deep_merge(current, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# ----------------------------------------------------------------------------- error messages
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Every BaseModel class inside an annotation (Optional, list, Annotated, unions)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        found.extend(_models_in(arg))
+    return found
+
+
+def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, list[str]]:
+    """Render a pydantic error location as a dotted path, dropping union tags; also return the field
+    names allowed where the location ends (for did-you-mean)."""
+    path = ""
+    candidates: list[type[BaseModel]] = [root]
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+            continue
+        if len(candidates) > 1:  # a discriminated union: this part is the tag
+            tagged = [c for c in candidates if part in typing.get_args(c.model_fields["name"].annotation)]
+            if tagged:
+                candidates = tagged
+                continue
+        fields = candidates[0].model_fields if len(candidates) == 1 else {}
+        path = f"{path}.{part}" if path else str(part)
+        candidates = _models_in(fields[part].annotation) if part in fields else []
+    allowed = list(candidates[0].model_fields) if len(candidates) == 1 else []
+    return path, allowed
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel], where: str = "") -> str:
+    """The first error of a ValidationError as one line: where, what was wrong, what to do."""
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    kind = e["type"]
+    prefix = f"{where}: " if where else ""
+    if kind == "extra_forbidden":
+        path, _ = _walk(root, loc)
+        parent, key = (path.rsplit(".", 1) if "." in path else ("", path))
+        _, allowed = _walk(root, loc[:-1])
+        hint = suggest(key.split("[")[0], allowed)
+        at = f" in '{parent}'" if parent else ""
+        options = f"; allowed: {', '.join(allowed)}" if allowed else ""
+        return f"{prefix}unknown key '{key}'{at}{hint}{options}"
+    path, _ = _walk(root, loc)
+    name = path or "(top level)"
+    if kind == "union_tag_invalid":
+        tag = e.get("ctx", {}).get("tag", "?")
+        allowed = [t.strip(" '") for t in str(e.get("ctx", {}).get("expected_tags", "")).split(",")]
+        return f"{prefix}{name}.name: unknown model '{tag}'{suggest(tag, allowed)}; choose one of: " + ", ".join(
+            allowed
+        )
+    if kind == "union_tag_not_found":
+        return f"{prefix}{name}: needs a 'name' (one of: {', '.join(MODEL_NAMES)})"
+    if kind == "literal_error":
+        expected = str(e.get("ctx", {}).get("expected", ""))
+        choices = [c.strip(" '") for c in expected.replace(" or ", ", ").split(",")]
+        got = e.get("input")
+        return f"{prefix}{name}: '{got}' is not allowed{suggest(str(got), choices)}; choose one of: " + ", ".join(
+            choices
+        )
+    if kind == "missing":
+        return f"{prefix}{name}: required key is missing"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    return f"{prefix}{name}: {msg}{shown}"
+
+
+def validate(cls: type[Strict], raw: dict[str, Any], where: str = "") -> Any:
+    """Build `cls` from raw data, turning a ValidationError into one ClasslabError line."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise ClasslabError(format_validation_error(err, cls, where)) from None
+
+
+def load_study(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[StudyConfig, list[tuple[str, Any]]]:
+    """Read and validate a study file. Returns the study and the parsed CLI overrides, which
+    `study.expand` applies last to every run (so `-o` wins over a run's own override)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    parsed = [parse_override(o) for o in overrides]
+    for key, value in parsed:
+        if key.split(".")[0] not in ("data", "model", "train"):
+            set_dotted(raw, key, value)
+    if "name" not in raw or raw.get("name") is None:
+        raw["name"] = path.stem
+    study = validate(StudyConfig, raw, where=str(path))
+    return study, [(k, v) for k, v in parsed if k.split(".")[0] in ("data", "model", "train")]

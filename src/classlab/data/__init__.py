@@ -1,0 +1,205 @@
+"""Datasets as in-memory uint8 tensors: decoded once per process, then split, relabelled, subset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from classlab.config import DataConfig
+from classlab.data.fer_csv import FER_CLASSES, read_fer_csv
+from classlab.data.folder import read_image_folder
+from classlab.data.idx import IDX_FILES, find_idx_file, read_idx_pair
+from classlab.data.locate import locate_idx
+from classlab.data.split import relabel, stratified_split, stratified_subset
+from classlab.errors import ClasslabError
+from classlab.registry import Registry
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+MNIST_CLASSES = [str(i) for i in range(10)]
+# Per-dataset normalization defaults (mean, std of the training pixels in [0, 1]).
+DEFAULT_STATS = {"fashion-mnist": ((0.2860,), (0.3530,)), "demo": ((0.2860,), (0.3530,)),
+                 "mnist": ((0.1307,), (0.3081,))}
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # uint8 N×C×H×W
+    labels: torch.Tensor  # int64 N
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """What every loader returns; from here on the pipeline only sees tensors."""
+
+    train: Split
+    test: Split
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    val: Split | None = None
+    source: str = ""
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class RawData:
+    """A source as decoded from disk, before any config-driven split or relabel."""
+
+    splits: dict[str, Split]
+    classes: list[str]
+    source: str
+    skipped: list[str] = field(default_factory=list)
+
+
+SOURCES: Registry[RawData] = Registry("dataset")
+_CACHE: dict[tuple, RawData] = {}
+
+
+def _fingerprint(paths: list[Path]) -> tuple:
+    return tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
+
+
+def _read_idx_folder(folder: Path, classes: list[str] | None) -> RawData:
+    paths = {stem: find_idx_file(folder, stem) for stem in IDX_FILES}
+    missing = [stem for stem, p in paths.items() if p is None]
+    if missing:
+        raise ClasslabError(f"{folder}: missing IDX files for {', '.join(missing)}")
+    key = ("idx", _fingerprint(list(paths.values())))
+    if key not in _CACHE:
+        train = read_idx_pair(paths["train-images"], paths["train-labels"])
+        test = read_idx_pair(paths["t10k-images"], paths["t10k-labels"])
+        n = int(max(train[1].max(), test[1].max())) + 1
+        names = classes if classes is not None else [str(i) for i in range(n)]
+        if n > len(names):
+            raise ClasslabError(f"{folder}: labels go up to {n - 1} but the dataset has {len(names)} classes")
+        _CACHE[key] = RawData({"train": Split(*train), "test": Split(*test)}, names, str(folder))
+    return _CACHE[key]
+
+
+@SOURCES.register("fashion-mnist")
+def _fashion(cfg: DataConfig) -> RawData:
+    return _read_idx_folder(locate_idx("fashion-mnist", cfg.root, cfg.download), FASHION_CLASSES)
+
+
+@SOURCES.register("mnist")
+def _mnist(cfg: DataConfig) -> RawData:
+    return _read_idx_folder(locate_idx("mnist", cfg.root, cfg.download), MNIST_CLASSES)
+
+
+@SOURCES.register("idx")
+def _idx(cfg: DataConfig) -> RawData:
+    if not cfg.root:
+        raise ClasslabError("data.dataset 'idx' needs data.root: a folder holding the four IDX files")
+    return _read_idx_folder(locate_idx("idx", cfg.root, download=False), None)
+
+
+def demo_folder() -> Path:
+    return Path(str(resources.files("classlab") / "demo" / "data"))
+
+
+@SOURCES.register("demo")
+def _demo(cfg: DataConfig) -> RawData:
+    return _read_idx_folder(demo_folder(), FASHION_CLASSES)
+
+
+@SOURCES.register("image-folder")
+def _image_folder(cfg: DataConfig) -> RawData:
+    if not cfg.root:
+        raise ClasslabError("data.dataset 'image-folder' needs data.root: a folder of <split>/<class>/ images")
+    root = Path(cfg.root).expanduser()
+    files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    key = ("folder", str(root.resolve()), cfg.channels, cfg.image_size, len(files),
+           max((p.stat().st_mtime_ns for p in files), default=0))
+    if key not in _CACHE:
+        decoded, classes = read_image_folder(root, cfg.channels, cfg.image_size)
+        skipped = [s for part in decoded.values() for s in part.skipped]
+        splits = {name: Split(part.images, part.labels) for name, part in decoded.items() if len(part.labels)}
+        _CACHE[key] = RawData(splits, classes, str(root), skipped)
+    return _CACHE[key]
+
+
+@SOURCES.register("fer2013")
+def _fer(cfg: DataConfig) -> RawData:
+    if not cfg.root:
+        raise ClasslabError("data.dataset 'fer2013' needs data.root: fer2013.csv, or a folder of train/ test/ images")
+    root = Path(cfg.root).expanduser()
+    csv_path = root / "fer2013.csv" if root.is_dir() else root
+    if csv_path.suffix == ".csv" or (root.is_dir() and csv_path.is_file()):
+        key = ("fer", _fingerprint([csv_path]) if csv_path.is_file() else str(csv_path))
+        if key not in _CACHE:
+            parts = read_fer_csv(csv_path)
+            _CACHE[key] = RawData({k: Split(*v) for k, v in parts.items()}, list(FER_CLASSES), str(csv_path))
+        return _CACHE[key]
+    return _image_folder(cfg.model_copy(update={"channels": cfg.channels or 1}))
+
+
+def load_dataset(cfg: DataConfig) -> ImageData:
+    """Decode (or reuse) the source, then apply subset, relabel and the validation split."""
+    raw = SOURCES.create(cfg.dataset, cfg)
+    splits = dict(raw.splits)
+    if "test" not in splits:
+        source = splits.pop("all", None) or splits.pop("train")
+        train_idx, test_idx = stratified_split(source.labels, cfg.test_fraction, cfg.split_seed + 1)
+        splits["train"] = Split(source.images[train_idx], source.labels[train_idx])
+        splits["test"] = Split(source.images[test_idx], source.labels[test_idx])
+    elif "all" in splits:
+        splits["train"] = splits.pop("all")
+    classes = list(raw.classes)
+    if cfg.subset is not None:
+        for name, limit in (("train", cfg.subset.train), ("test", cfg.subset.test)):
+            if limit is not None and limit < len(splits[name]):
+                idx = stratified_subset(splits[name].labels, limit, cfg.split_seed)
+                splits[name] = Split(splits[name].images[idx], splits[name].labels[idx])
+    if cfg.relabel is not None:
+        mapping, classes = relabel(classes, cfg.relabel)
+        splits = {k: Split(v.images, mapping[v.labels]) for k, v in splits.items()}
+    val = splits.get("val")
+    train = splits["train"]
+    if val is None and cfg.val_fraction is not None:
+        train_idx, val_idx = stratified_split(train.labels, cfg.val_fraction, cfg.split_seed)
+        train, val = Split(train.images[train_idx], train.labels[train_idx]), Split(
+            train.images[val_idx], train.labels[val_idx]
+        )
+    elif val is not None and cfg.val_fraction is None:
+        val = None
+    if len(train) == 0:
+        raise ClasslabError(f"{raw.source}: the training split is empty")
+    mean, std = _stats(cfg, raw, train)
+    return ImageData(train=train, val=val, test=splits["test"], classes=classes, mean=mean, std=std,
+                     source=raw.source, skipped=list(raw.skipped))
+
+
+def _stats(cfg: DataConfig, raw: RawData, train: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalization: the config's, else the dataset's known defaults, else measured on train."""
+    channels = train.images.shape[1]
+    if cfg.normalize is not None:
+        mean, std = cfg.normalize.mean, cfg.normalize.std
+        if len(mean) == 1 and channels > 1:
+            mean, std = mean * channels, std * channels
+        if len(mean) != channels:
+            raise ClasslabError(f"data.normalize has {len(mean)} values but the images have {channels} channels")
+        return tuple(mean), tuple(std)
+    if cfg.dataset in DEFAULT_STATS:
+        return DEFAULT_STATS[cfg.dataset]
+    x = train.images[: min(len(train), 20000)].float().div_(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+__all__ = ["ImageData", "Split", "load_dataset", "clear_cache", "FASHION_CLASSES", "demo_folder"]

@@ -1,0 +1,149 @@
+"""Image folders (`root/<split>/<class>/*.png` or `root/<class>/*`), decoded once into uint8 tensors.
+
+Unreadable files are skipped and reported, never fatal: real folders hold a few broken files.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from classlab.errors import ClasslabError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+
+
+@dataclass
+class FolderSplit:
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: list[str] = field(default_factory=list)
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def find_splits(root: Path) -> dict[str, Path]:
+    """Map 'train'/'val'/'test' to subfolders of root when it is laid out by split."""
+    found: dict[str, Path] = {}
+    for split, names in SPLIT_NAMES.items():
+        for name in names:
+            if (root / name).is_dir():
+                found[split] = root / name
+                break
+    return found
+
+
+def open_image(path: Path, channels: int, size: tuple[int, int] | None) -> np.ndarray:
+    """One image as uint8 H×W×C. RGBA is composited on black, 16-bit scaled to 8 bits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as img:
+            img.seek(0)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                hi = 65535.0 if arr.max() > 255 else 255.0
+                img = Image.fromarray((arr / hi * 255).round().astype(np.uint8))
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(background, rgba)
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _guess_channels(files: list[Path]) -> int:
+    for path in files[:50]:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in ("L", "LA", "1", "I;16", "I;16B", "I;16L", "I", "F"):
+                    return 3
+        except (OSError, UnidentifiedImageError, ValueError):
+            continue
+    return 1
+
+
+def list_class_files(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    items: list[tuple[Path, int]] = []
+    for index, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        items.extend((p, index) for p in files)
+    return items
+
+
+def decode_files(items: list[tuple[Path, int]], channels: int, size: tuple[int, int] | None) -> FolderSplit:
+    """Decode every file once; all must share one size unless `size` resizes them."""
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
+    skipped: list[str] = []
+    for path, label in items:
+        try:
+            arr = open_image(path, channels, size)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            skipped.append(f"{path} ({type(e).__name__})")
+            continue
+        if arrays and arr.shape != arrays[0].shape:
+            raise ClasslabError(
+                f"{path}: size {arr.shape[1]}×{arr.shape[0]} differs from {arrays[0].shape[1]}×{arrays[0].shape[0]} "
+                "of the first image; set data.image_size: [H, W] to resize all images at load time"
+            )
+        arrays.append(arr)
+        labels.append(label)
+    if not arrays:
+        return FolderSplit(torch.empty(0, channels, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long), skipped)
+    stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return FolderSplit(stacked, torch.tensor(labels, dtype=torch.long), skipped)
+
+
+def read_image_folder(
+    root: Path, channels: int | None, size: tuple[int, int] | None
+) -> tuple[dict[str, FolderSplit], list[str]]:
+    """Decode an image-folder dataset. Returns its splits (those present) and the class names."""
+    if not root.is_dir():
+        raise ClasslabError(f"image folder {root} does not exist; set data.root to a folder of class folders")
+    splits = find_splits(root)
+    layout = splits or {"all": root}
+    first = layout.get("train", next(iter(layout.values())))
+    classes = [p.name for p in _class_dirs(first)]
+    if not classes:
+        raise ClasslabError(
+            f"{first}: no class folders; expected {root}/train/<class>/*.png (or {root}/<class>/*.png)"
+        )
+    listed = {split: list_class_files(folder, classes) for split, folder in layout.items()}
+    for folder in layout.values():
+        extra = sorted({p.name for p in _class_dirs(folder)} - set(classes))
+        if extra:
+            raise ClasslabError(
+                f"{folder}: class folders {extra} are not in {first}; every split needs the same classes"
+            )
+    train_items = listed.get("train", listed.get("all", []))
+    counts = np.bincount([label for _, label in train_items], minlength=len(classes))
+    empty = [classes[i] for i, n in enumerate(counts) if n == 0]
+    if not train_items:
+        raise ClasslabError(f"{first}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if empty:
+        raise ClasslabError(f"{first}: class folder(s) with no images: {', '.join(empty)}")
+    if channels is None:
+        channels = _guess_channels([p for p, _ in train_items])
+    decoded = {split: decode_files(items, channels, size) for split, items in listed.items()}
+    for split, part in decoded.items():
+        if len(part.labels) == 0 and listed[split]:
+            raise ClasslabError(f"{layout[split]}: none of the {len(listed[split])} images could be read")
+    if size is None:
+        shapes = {tuple(p.images.shape[1:]) for p in decoded.values() if len(p.labels)}
+        if len(shapes) > 1:
+            raise ClasslabError(f"{root}: splits have different image sizes {sorted(shapes)}; set data.image_size")
+    return decoded, classes

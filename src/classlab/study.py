@@ -1,0 +1,246 @@
+"""A study: expand runs × grid × seeds into RunConfigs, train each into its run folder, compare."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+
+from classlab.config import RunConfig, StudyConfig, deep_merge, load_study, set_dotted, validate
+from classlab.data import ImageData, load_dataset
+from classlab.errors import ClasslabError, RunFailed
+from classlab.evaluate import classification_report
+from classlab.models import build_model
+from classlab.models.summary import model_table, parameter_count
+from classlab.runs import RunFolder, atomic_torch_save, atomic_write_bytes, safe_torch_load
+from classlab.train.loop import evaluate_split, fit, resolve_device
+from classlab.train.progress import EpochProgress
+from classlab.transforms import BatchTransform, Preprocess, pixel_permutation
+
+WORST_MISTAKES = 16
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    config: RunConfig
+    variant: str  # the run's name without its seed suffix: runs that differ only by seed share it
+
+
+def _value_name(value: Any) -> str:
+    if isinstance(value, dict):
+        return "-".join(_value_name(v) for v in value.values())
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def grid_cells(grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Cartesian product of the grid's dotted keys; each cell named by its values, e.g. 'adam-batchnorm'."""
+    keys = list(grid)
+    cells = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        name = "-".join(_value_name(v) for v in values)
+        cells.append((name, dict(zip(keys, values, strict=True))))
+    names = [n for n, _ in cells]
+    if len(set(names)) != len(names):  # values alone are ambiguous: prefix each with its key
+        cells = [("-".join(f"{k.split('.')[-1]}={_value_name(v)}" for k, v in cell.items()), cell)
+                 for _, cell in cells]
+    return cells
+
+
+def expand(study: StudyConfig, cli_overrides: list[tuple[str, Any]] = (), where: str = "") -> list[PlannedRun]:
+    """One RunConfig per (run, grid cell, seed). Names are stable: `<run>[-<cell>][-seed<k>]`."""
+    base = {"data": study.data, "model": study.model, "train": study.train}
+    variants: list[tuple[str, dict[str, Any]]] = []
+    run_list = study.runs or [{"name": "base"}]
+    cells = grid_cells(study.grid) if study.grid else [("", {})]
+    for run in run_list:
+        for cell_name, cell in cells:
+            name = f"{run['name']}-{cell_name}" if study.runs and cell_name else cell_name or run["name"]
+            override = {k: v for k, v in run.items() if k != "name"}
+            variants.append((name, {**override, **cell}))
+    planned = []
+    for index, (variant, override) in enumerate(variants):
+        merged = deep_merge(base, override)
+        for key, value in cli_overrides:
+            set_dotted(merged, key, value)
+        for seed in study.seeds:
+            name = variant if len(study.seeds) == 1 else f"{variant}-seed{seed}"
+            at = f"{where} run '{variant}'" if study.runs or study.grid else where
+            if study.runs and not study.grid:
+                at = f"{where} runs[{index}] ({variant})"
+            cfg = validate(RunConfig, {**merged, "name": name, "seed": seed}, where=at.strip())
+            planned.append(PlannedRun(cfg, variant))
+    return planned
+
+
+def preprocess_for(cfg: RunConfig, data: ImageData) -> Preprocess:
+    c, h, w = data.image_shape
+    perm = None
+    if cfg.data.permute_pixels is not None:
+        perm = tuple(pixel_permutation(cfg.data.permute_pixels.seed, h * w).tolist())
+    return Preprocess(input_shape=(c, h, w), mean=data.mean, std=data.std, classes=tuple(data.classes),
+                      permutation=perm)
+
+
+def run_config_dict(cfg: RunConfig) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def _check_same_config(folder: RunFolder, cfg: RunConfig) -> None:
+    stored = folder.read_config()
+    if stored != run_config_dict(cfg):
+        raise ClasslabError(
+            f"{folder.path} holds a run with a different config; use --restart to retrain it, "
+            "or set out_dir to keep both"
+        )
+
+
+def _worst_mistakes(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of wrong predictions made with the highest confidence."""
+    probs = logits.softmax(1)
+    pred = probs.argmax(1)
+    wrong = torch.nonzero(pred != labels).flatten()
+    conf = probs[wrong, pred[wrong]]
+    return wrong[conf.argsort(descending=True)[:k]]
+
+
+def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: Console,
+              restart: bool = False) -> dict:
+    """Train one run into its folder (resuming an interrupted one) and return its summary."""
+    if folder.is_complete and not restart:
+        _check_same_config(folder, cfg)
+        console.print(f"[dim]{cfg.name}: already complete, skipped[/]")
+        return folder.read_summary()
+    resume = None
+    if not restart and folder.last_path.is_file() and folder.config_path.is_file():
+        _check_same_config(folder, cfg)
+        resume = safe_torch_load(folder.last_path)
+    folder.prepare(restart=restart and not resume)
+    data = load_dataset(cfg.data)
+    if cfg.train.batch_size > len(data.train):
+        raise ClasslabError(
+            f"train.batch_size {cfg.train.batch_size} is larger than the training set ({len(data.train)} images)"
+        )
+    if data.skipped:
+        console.print(f"[yellow]{cfg.name}: skipped {len(data.skipped)} unreadable file(s), listed in run.log[/]")
+    pre = preprocess_for(cfg, data)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, len(data.classes), pre.input_shape).to(device)
+    params = parameter_count(model)
+    table, rows = model_table(model, pre.input_shape)
+    folder.write_config(run_config_dict(cfg))
+    folder.write_json("preprocessing.json", pre.to_dict())
+    atomic_write_bytes(folder.path / "model_summary.txt", (table + "\n").encode())
+    folder.write_json("model_summary.json", {"rows": rows, "parameters": params})
+    log_lines = [f"data: {data.source}", f"train {len(data.train)}, val {len(data.val) if data.val else 0}, "
+                 f"test {len(data.test)} images, classes {data.classes}"]
+    log_lines += [f"skipped unreadable file: {s}" for s in data.skipped]
+    atomic_write_bytes(folder.path / "run.log", ("\n".join(log_lines) + "\n").encode())
+    if resume is not None:
+        console.print(f"[cyan]{cfg.name}: resuming after epoch {resume['epoch']}[/]")
+
+    def save_epoch(row: dict, state: dict) -> None:
+        folder.write_metrics(state["history"])
+        atomic_torch_save(folder.last_path, state)
+        if row["best"]:
+            atomic_torch_save(folder.best_path, {"model": state["model"], "epoch": row["epoch"]})
+
+    progress = EpochProgress(console, cfg.name, cfg.train.epochs)
+    try:
+        result = fit(model, data, cfg, pre, device, on_epoch_end=save_epoch, resume=resume, progress=progress)
+    except RunFailed as e:
+        folder.mark_failed(str(e))
+        raise
+    eval_tf = BatchTransform(pre, None, device)
+    test_loss, test_acc, logits = evaluate_split(model, data.test, eval_tf, cfg, device)
+    labels = data.test.labels.to(device)
+    report = classification_report(labels, logits, len(data.classes))
+    worst = _worst_mistakes(logits, labels, WORST_MISTAKES).cpu()
+    probs = logits.softmax(1).cpu()
+    _save_predictions(folder, data, probs, worst)
+    history = result.history
+    epoch_seconds = [r["seconds"] for r in history]
+    summary = {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "classes": data.classes,
+        "test": {"loss": test_loss, "accuracy": test_acc, **report},
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": result.stopped_early,
+        "final_train": {"loss": history[-1]["train_loss"], "accuracy": history[-1]["train_accuracy"]},
+        "best_val": _best_val(history, result.best_epoch),
+        "parameters": params,
+        "seconds": float(sum(epoch_seconds)),
+        "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
+        "device": str(device),
+        "data": {"source": data.source, "train": len(data.train), "val": len(data.val) if data.val else 0,
+                 "test": len(data.test), "skipped_files": len(data.skipped)},
+    }
+    folder.write_summary(summary)
+    return summary
+
+
+def _best_val(history: list[dict], best_epoch: int) -> dict | None:
+    for row in history:
+        if row["epoch"] == best_epoch and row.get("val_loss") is not None:
+            return {"loss": row["val_loss"], "accuracy": row["val_accuracy"], "epoch": best_epoch}
+    return None
+
+
+def _save_predictions(folder: RunFolder, data: ImageData, probs: torch.Tensor, worst: torch.Tensor) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        y_true=data.test.labels.numpy(),
+        y_pred=probs.argmax(1).numpy(),
+        probs=probs.numpy().astype(np.float32),
+        worst_index=worst.numpy(),
+        worst_images=data.test.images[worst].numpy(),
+    )
+    atomic_write_bytes(folder.path / "predictions.npz", buffer.getvalue())
+
+
+@dataclass
+class StudyResult:
+    study: StudyConfig
+    folder: Path
+    summaries: list[dict]
+    failed: list[str]
+
+
+def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), device: str | None = None,
+              restart: bool = False, console: Console | None = None) -> StudyResult:
+    """Train every run of a study file; failed runs are reported and the rest go on."""
+    console = console or Console()
+    study, cli = load_study(path, overrides)
+    planned = expand(study, cli, where=str(path))
+    folder = Path(study.out_dir).expanduser() / str(study.name)
+    dev = resolve_device(device or planned[0].config.train.device)
+    if dev.type == "cpu" and planned[0].config.train.threads:
+        torch.set_num_threads(planned[0].config.train.threads)
+    console.print(f"[bold]{study.name}[/]: {len(planned)} run(s) on {dev} -> {folder}")
+    summaries, failed = [], []
+    started = time.perf_counter()
+    for i, run in enumerate(planned, start=1):
+        console.print(f"[bold]run {i}/{len(planned)}: {run.config.name}[/]")
+        try:
+            summaries.append(train_run(run.config, RunFolder(folder / run.config.name), dev, console, restart))
+        except RunFailed as e:
+            console.print(f"[red]{e}[/]")
+            failed.append(run.config.name)
+    console.print(f"[dim]study finished in {time.perf_counter() - started:.1f}s[/]")
+    return StudyResult(study, folder, summaries, failed)
+
+
+def study_yaml_dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(run_config_dict(cfg), sort_keys=False)

@@ -1,0 +1,207 @@
+"""The plain training loop over in-memory uint8 tensors.
+
+Per step: one index gather, one batched transform on the device, forward, backward, step. Loss and
+accuracy are summed on the device (no per-step host sync on GPU); the host reads them once per
+progress update and once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from classlab.config import RunConfig
+from classlab.data import ImageData, Split
+from classlab.errors import RunFailed
+from classlab.train.callbacks import EarlyStopper
+from classlab.train.checkpoint import rng_state, set_rng_state
+from classlab.train.optim import build_optimizer, build_scheduler, l1_penalty, loss_fn
+from classlab.transforms import BatchTransform, Preprocess
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int
+    stopped_early: bool
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from classlab.errors import ClasslabError
+
+        raise ClasslabError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA (no loss scaling needed); a no-op on CPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int,
+                   device: torch.device, amp: bool = True) -> torch.Tensor:
+    """Logits for a whole uint8 set, in large batches, with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = transform(images[i : i + batch_size].to(device, non_blocking=True))
+        with autocast(device, amp):
+            out.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate_split(model: nn.Module, split: Split, transform: BatchTransform, cfg: RunConfig,
+                   device: torch.device) -> tuple[float, float, torch.Tensor]:
+    """(loss, accuracy, logits) over a split."""
+    logits = predict_logits(model, split.images, transform, cfg.train.eval_batch_size, device, cfg.train.amp)
+    labels = split.labels.to(device)
+    loss = float(loss_fn(logits, labels, cfg.train, reduction="sum")) / max(len(labels), 1)
+    acc = float((logits.argmax(1) == labels).float().mean()) if len(labels) else 0.0
+    return loss, acc, logits
+
+
+def param_groups(model: nn.Module) -> list[dict] | Any:
+    """Hook for per-group learning rates; by default every trainable parameter in one group."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+ProgressLike = Any  # classlab.train.progress.EpochProgress or None
+
+
+def fit(
+    model: nn.Module,
+    data: ImageData,
+    cfg: RunConfig,
+    pre: Preprocess,
+    device: torch.device,
+    *,
+    params: list | None = None,
+    on_epoch_end: Callable[[dict, dict], None] | None = None,
+    resume: dict | None = None,
+    progress: ProgressLike = None,
+) -> FitResult:
+    """Train `model` on data.train, validating on data.val each epoch; returns the history.
+
+    `on_epoch_end(row, state)` gets the epoch's metrics row and the full training state (for the
+    checkpoint). `resume` is such a state: training continues after its epoch, bit-for-bit on CPU.
+    """
+    tc = cfg.train
+    images = data.train.images.to(device)
+    labels = data.train.labels.to(device)
+    n = len(labels)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    train_tf = BatchTransform(pre, cfg.data.augment, device, aug_gen)
+    eval_tf = BatchTransform(pre, None, device)
+    val = Split(data.val.images.to(device), data.val.labels.to(device)) if data.val is not None else None
+
+    optimizer = build_optimizer(params if params is not None else param_groups(model), tc, device)
+    scheduler = build_scheduler(optimizer, tc)
+    es = tc.early_stopping
+    stopper = EarlyStopper(es.patience if es else None, es.monitor if es else "val_loss", es.min_delta if es else 0.0)
+    history: list[dict] = []
+    start_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None and resume.get("scheduler") is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        stopper.load_state_dict(resume["stopper"])
+        set_rng_state(resume["rng"], order_gen, aug_gen)
+        history = list(resume["history"])
+        start_epoch = int(resume["epoch"]) + 1
+
+    bs = tc.batch_size
+    steps = math.ceil(n / bs)
+    if steps > 1 and n % bs == 1:
+        steps -= 1  # a final batch of one sample breaks BatchNorm; drop it (like drop_last for that case)
+    check_every = 1 if device.type == "cpu" else 50
+    started = time.perf_counter()
+    stopped_early = stopper.should_stop
+    for epoch in range(start_epoch, tc.epochs + 1):
+        if stopped_early:
+            break
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=order_gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        if progress is not None:
+            progress.start_epoch(epoch, steps)
+        for step in range(steps):
+            idx = perm[step * bs : (step + 1) * bs]
+            x = train_tf(images[idx])
+            y = labels[idx]
+            with autocast(device, tc.amp):
+                logits = model(x)
+            loss = loss_fn(logits, y, tc)
+            total = loss + tc.l1 * l1_penalty(model) if tc.l1 > 0 else loss
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            if (step + 1) % check_every == 0 or step + 1 == steps:
+                if not torch.isfinite(loss_sum):
+                    lr = optimizer.param_groups[0]["lr"]
+                    raise RunFailed(
+                        f"run '{cfg.name}': loss became non-finite at epoch {epoch}, step {step + 1}/{steps} "
+                        f"(learning rate {lr:g}); lower train.lr or check the data"
+                    )
+                if progress is not None and progress.wants_updates and (step % 20 == 0 or step + 1 == steps):
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    progress.step(step + 1, float(loss_sum) / seen, float(correct) / seen, seen / elapsed)
+        train_seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": float(loss_sum) / seen,
+            "train_accuracy": float(correct) / seen,
+            "val_loss": None,
+            "val_accuracy": None,
+            "lr": optimizer.param_groups[0]["lr"],
+            "lrs": [g["lr"] for g in optimizer.param_groups],
+        }
+        if val is not None:
+            row["val_loss"], row["val_accuracy"], _ = evaluate_split(model, val, eval_tf, cfg, device)
+        if scheduler is not None:
+            scheduler.step()
+        monitored = row.get(stopper.monitor) if val is not None else None
+        row["best"] = stopper.update(epoch, monitored, model)
+        row["seconds"] = time.perf_counter() - t0
+        row["train_seconds"] = train_seconds
+        row["images_per_s"] = seen / max(train_seconds, 1e-9)
+        history.append(row)
+        if progress is not None:
+            progress.end_epoch(row)
+        stopped_early = stopper.should_stop and epoch < tc.epochs
+        if on_epoch_end is not None:
+            state = {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "stopper": stopper.state_dict(),
+                "rng": rng_state(order_gen, aug_gen),
+                "history": history,
+            }
+            on_epoch_end(row, state)
+    if stopper.best_state is not None:
+        model.load_state_dict(stopper.best_state)
+    seconds = time.perf_counter() - started
+    return FitResult(history=history, best_epoch=stopper.best_epoch, stopped_early=stopped_early, seconds=seconds)

@@ -1,0 +1,101 @@
+"""Tiny, deterministic data built on the fly, and helpers to run the CLI in-process."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from classlab.data import clear_cache
+from classlab.data.idx import write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+
+def synthetic_images(n: int, num_classes: int = 4, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable toy images: class c is a bright block in its own quadrant-ish spot, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, size, size), dtype=np.int64)
+    block = size // 3
+    for i, c in enumerate(labels):
+        r = (c // 2) * (size - block - 2) + 1 if num_classes > 2 else 1
+        col = (c % 2) * (size - block - 2) + 1
+        images[i, r : r + block, col : col + block] += 180
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def make_idx_folder(folder: Path, n_train: int = 240, n_test: int = 80, num_classes: int = 4,
+                    size: int = 28, gzip: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = synthetic_images(n_train, num_classes, size, seed=0)
+    xt, yt = synthetic_images(n_test, num_classes, size, seed=1)
+    suffix = ".gz" if gzip else ""
+    write_idx(folder / f"train-images-idx3-ubyte{suffix}", x, compress=gzip)
+    write_idx(folder / f"train-labels-idx1-ubyte{suffix}", y, compress=gzip)
+    write_idx(folder / f"t10k-images-idx3-ubyte{suffix}", xt, compress=gzip)
+    write_idx(folder / f"t10k-labels-idx1-ubyte{suffix}", yt, compress=gzip)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(monkeypatch, tmp_path):
+    """Every test decodes its own data and never touches the user's data folders or the network."""
+    clear_cache()
+    monkeypatch.setenv("CLASSLAB_DATA", str(tmp_path / "classlab-data"))
+    yield
+    clear_cache()
+
+
+@pytest.fixture
+def idx_folder(tmp_path: Path) -> Path:
+    return make_idx_folder(tmp_path / "toy")
+
+
+TINY_CNN = [{"conv": {"out": 4, "kernel": 3}}, "relu", {"maxpool": 2}, "flatten", {"linear": 16}, "relu"]
+
+
+def tiny_study(tmp_path: Path, data_root: Path, **sections) -> dict:
+    """A small but real study dict: toy IDX data, a 2-conv CNN, 2 epochs."""
+    study = {
+        "name": "toy",
+        "out_dir": str(tmp_path / "runs"),
+        "seeds": [0],
+        "data": {"dataset": "idx", "root": str(data_root), "val_fraction": 0.2},
+        "model": {"name": "cnn", "layers": copy.deepcopy(TINY_CNN)},
+        "train": {"epochs": 2, "batch_size": 32, "optimizer": "adam", "lr": 0.01},
+    }
+    for key, value in sections.items():
+        study[key] = value
+    return study
+
+
+def write_study(path: Path, study: dict) -> Path:
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `classlab ARGS` in-process; returns (exit_code, stdout, stderr)."""
+    from classlab.cli import main
+
+    def _run(*args: str) -> tuple[int, str, str]:
+        argv0 = sys.argv
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            sys.argv = argv0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return _run

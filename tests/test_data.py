@@ -1,0 +1,112 @@
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from classlab.config import DataConfig
+from classlab.data import load_dataset
+from classlab.data.idx import read_idx, write_idx
+from classlab.data.locate import candidate_folders, download_idx, locate_idx
+from classlab.data.split import stratified_split
+from classlab.errors import ClasslabError
+from tests.conftest import SHARED_DATA, make_idx_folder
+
+
+def test_idx_roundtrip_gzip_and_raw(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", arr)
+    write_idx(tmp_path / "a", arr, compress=False)
+    assert (read_idx(tmp_path / "a.gz") == arr).all() and (read_idx(tmp_path / "a") == arr).all()
+
+
+def test_idx_folder_raw_files_load(tmp_path):
+    folder = make_idx_folder(tmp_path / "raw", gzip=False)
+    data = load_dataset(DataConfig(dataset="idx", root=str(folder), val_fraction=None))
+    assert data.train.images.shape == (240, 1, 28, 28) and data.train.images.dtype == torch.uint8
+    assert data.classes == ["0", "1", "2", "3"] and data.val is None
+
+
+def test_truncated_and_wrong_magic_are_clear(tmp_path):
+    folder = make_idx_folder(tmp_path / "d")
+    raw = gzip.decompress((folder / "train-images-idx3-ubyte.gz").read_bytes())
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[:5000]))
+    with pytest.raises(ClasslabError, match="truncated IDX file"):
+        load_dataset(DataConfig(dataset="idx", root=str(folder)))
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x12\x34\x56\x78" + raw[4:]))
+    with pytest.raises(ClasslabError, match="wrong magic"):
+        load_dataset(DataConfig(dataset="idx", root=str(folder)))
+
+
+def test_count_mismatch(tmp_path):
+    folder = make_idx_folder(tmp_path / "d")
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(10, dtype=np.uint8))
+    with pytest.raises(ClasslabError, match="240 images but 10 labels"):
+        load_dataset(DataConfig(dataset="idx", root=str(folder)))
+
+
+def test_missing_folder_names_every_place_and_file(tmp_path):
+    with pytest.raises(ClasslabError) as e:
+        locate_idx("fashion-mnist", None, download=False)
+    msg = str(e.value)
+    assert "/usr/share/datasets/fashion-mnist" in msg and "train-images-idx3-ubyte.gz" in msg
+    assert "t10k-labels-idx1-ubyte.gz" in msg and str(tmp_path / "classlab-data") in msg
+    assert any("FashionMNIST/raw" in str(f) for f in candidate_folders("fashion-mnist", None))
+
+
+def test_stratified_split_is_seeded_and_stratified():
+    labels = torch.arange(1000) % 4
+    keep, held = stratified_split(labels, 0.1, seed=3)
+    keep2, held2 = stratified_split(labels, 0.1, seed=3)
+    assert torch.equal(held, held2) and len(held) == 100 and len(keep) == 900
+    assert torch.bincount(labels[held]).tolist() == [25, 25, 25, 25]
+    assert not set(keep.tolist()) & set(held.tolist())
+    _, other = stratified_split(labels, 0.1, seed=4)
+    assert not torch.equal(held, other)
+
+
+def test_relabel_and_subset(idx_folder):
+    cfg = DataConfig(dataset="idx", root=str(idx_folder), relabel={"low": ["0", "1"], "high": [2, 3]},
+                     subset={"train": 100}, val_fraction=0.2)
+    data = load_dataset(cfg)
+    assert data.classes == ["low", "high"]
+    assert len(data.train) + len(data.val) == 100
+    assert set(data.test.labels.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("groups", "needle"),
+    [({"a": ["0", "1", "2"], "b": ["4"]}, "unknown class '4'"), ({"a": ["0", "1"], "b": ["2"]}, "not in any group: 3"),
+     ({"a": ["0", "1", "2"], "b": ["2", "3"]}, "more than one group")],
+)
+def test_relabel_errors(idx_folder, groups, needle):
+    with pytest.raises(ClasslabError, match=needle):
+        load_dataset(DataConfig(dataset="idx", root=str(idx_folder), relabel=groups))
+
+
+def test_download_from_a_local_mirror(tmp_path):
+    """The real downloader (torchvision's download_url + MD5) pointed at a local folder of the files."""
+    source = SHARED_DATA / "fashion-mnist"
+    if not source.is_dir():
+        pytest.skip(f"{source} absent: the official Fashion-MNIST files are needed for their MD5s")
+    dest = download_idx("fashion-mnist", tmp_path / "dl", mirrors=[source.as_uri() + "/"])
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+         "t10k-labels-idx1-ubyte.gz"])
+
+
+def test_download_rejects_a_corrupt_mirror(tmp_path):
+    bad = tmp_path / "mirror"
+    bad.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (bad / name).write_bytes(b"not the real file")
+    with pytest.raises(OSError):
+        download_idx("fashion-mnist", tmp_path / "dl", mirrors=[bad.as_uri() + "/"])
+
+
+def test_torchvision_layout_is_found(tmp_path):
+    folder = make_idx_folder(tmp_path / "root" / "FashionMNIST" / "raw")
+    assert locate_idx("fashion-mnist", str(tmp_path / "root"), download=False) == folder
+    shutil.rmtree(folder)

@@ -1,0 +1,39 @@
+"""Real-data checks on ../shared/data (skipped with a reason when that folder is absent)."""
+
+import pytest
+import torch
+
+from classlab.config import DataConfig
+from classlab.data import FASHION_CLASSES, load_dataset
+from tests.conftest import SHARED_DATA
+
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "fashion-mnist").is_dir(),
+                                reason=f"{SHARED_DATA} absent: real-data tests need ../shared/data")
+
+
+def test_fashion_mnist_official_files_decode():
+    data = load_dataset(DataConfig(dataset="fashion-mnist", root=str(SHARED_DATA / "fashion-mnist"),
+                                   val_fraction=0.15))
+    assert data.classes == FASHION_CLASSES
+    assert len(data.train) == 51000 and len(data.val) == 9000 and len(data.test) == 10000
+    assert torch.bincount(data.test.labels).tolist() == [1000] * 10
+    assert torch.bincount(data.val.labels).tolist() == [900] * 10
+    assert data.train.images.dtype == torch.uint8 and data.train.images.shape[1:] == (1, 28, 28)
+
+
+def test_three_class_relabel_counts():
+    groups = {"clothes": [0, 1, 2, 3, 4, 6], "shoes": [5, 7, 9], "other": [8]}
+    data = load_dataset(DataConfig(dataset="fashion-mnist", root=str(SHARED_DATA), relabel=groups,
+                                   val_fraction=None))
+    assert torch.bincount(data.test.labels).tolist() == [6000 // 10 * 10, 3000, 1000]
+
+
+def test_mnist_and_notmnist_idx():
+    mnist = load_dataset(DataConfig(dataset="mnist", root=str(SHARED_DATA / "mnist"), val_fraction=None))
+    assert torch.bincount(mnist.test.labels).tolist()[:3] == [980, 1135, 1032]
+    notmnist = SHARED_DATA / "notmnist-small" / "idx"
+    if notmnist.is_dir():
+        from classlab.data.idx import read_idx_pair
+
+        x, y = read_idx_pair(notmnist / "t10k-images-idx3-ubyte.gz", notmnist / "t10k-labels-idx1-ubyte.gz")
+        assert x.shape == (10000, 1, 28, 28) and int(y.max()) == 9
