@@ -49,6 +49,8 @@ def _fresh_cache(monkeypatch, tmp_path):
     """Every test decodes its own data and never touches the user's data folders or the network."""
     clear_cache()
     monkeypatch.setenv("CLASSLAB_DATA", str(tmp_path / "classlab-data"))
+    monkeypatch.setenv("CLASSLAB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     yield
     clear_cache()
 

@@ -44,11 +44,21 @@ class Normalize(Strict):
         return self
 
 
+class ColorJitter(Strict):
+    """torchvision's ColorJitter ranges: factors drawn per image in [1-x, 1+x]; hue shift in ±hue turns."""
+
+    brightness: float = Field(0.0, ge=0)
+    contrast: float = Field(0.0, ge=0)
+    saturation: float = Field(0.0, ge=0)
+    hue: float = Field(0.0, ge=0, le=0.5)
+
+
 class Augment(Strict):
     """Train-time augmentation, applied to whole batches on the device."""
 
     hflip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
     rotate: float = Field(0.0, ge=0, le=180, description="max rotation in degrees, uniform in ±rotate")
+    color_jitter: ColorJitter | None = None
 
     @field_validator("hflip", mode="before")
     @classmethod
@@ -56,6 +66,9 @@ class Augment(Strict):
         if isinstance(v, bool):
             return 0.5 if v else 0.0
         return v
+
+
+IMAGENET_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
 class PermutePixels(Strict):
@@ -83,6 +96,20 @@ class DataConfig(Strict):
     normalize: Normalize | None = None
     augment: Augment = Augment()
     subset: Subset | None = None
+    to_rgb: bool = Field(False, description="copy a gray channel to 3 (ImageNet models), per batch")
+    resize: tuple[int, int] | None = Field(None, description="resize each batch on the device to [H, W]")
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _named_stats(cls, v: Any) -> Any:
+        if v == "imagenet":
+            return IMAGENET_STATS
+        return v
+
+    @field_validator("resize", "image_size", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        return (v, v) if isinstance(v, int) else v
 
 
 # ----------------------------------------------------------------------------- models
@@ -199,8 +226,21 @@ class PresetConfig(Strict):
     dropout: float | None = Field(None, ge=0, lt=1)
 
 
-ModelConfig = Annotated[MLPConfig | CNNConfig | PresetConfig, Field(discriminator="name")]
-MODEL_NAMES = ("mlp", "cnn", *PRESETS)
+class FreezeSpec(Strict):
+    """Freeze every top-level block except these (e.g. [layer4, fc]; `head` is the classifier)."""
+
+    all_but: list[str] = Field(min_length=1)
+
+
+class ResNetConfig(Strict):
+    name: Literal["resnet18"]
+    pretrained: str = Field("none", description="none | imagenet | a .pth file | a classlab run folder")
+    head: list[LayerSpec] | None = Field(None, description="layers before the final Linear, e.g. [{linear: 256}, relu]")
+    freeze: FreezeSpec | Literal["none"] = "none"
+
+
+ModelConfig = Annotated[MLPConfig | CNNConfig | PresetConfig | ResNetConfig, Field(discriminator="name")]
+MODEL_NAMES = ("mlp", "cnn", "resnet18", *PRESETS)
 
 
 # ----------------------------------------------------------------------------- training
@@ -237,6 +277,8 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, gt=0)
     amp: bool = True
     tensorboard: bool = False
+    lr_groups: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="learning rate per top-level block, e.g. {layer4: 5e-4, fc: 1e-3}")
 
     @field_validator("scheduler", mode="before")
     @classmethod

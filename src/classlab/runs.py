@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """torch.load with weights_only=True: tensors and plain containers only, never code."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol notices; a refusal still raises
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise ClasslabError(f"{path}: file not found") from None
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files

@@ -81,12 +81,21 @@ def expand(study: StudyConfig, cli_overrides: list[tuple[str, Any]] = (), where:
 
 
 def preprocess_for(cfg: RunConfig, data: ImageData) -> Preprocess:
+    """What evaluation (and prediction) applies, from the stored uint8 shape to the model's input."""
     c, h, w = data.image_shape
     perm = None
     if cfg.data.permute_pixels is not None:
         perm = tuple(pixel_permutation(cfg.data.permute_pixels.seed, h * w).tolist())
-    return Preprocess(input_shape=(c, h, w), mean=data.mean, std=data.std, classes=tuple(data.classes),
-                      permutation=perm)
+    out_c = 3 if cfg.data.to_rgb and c == 1 else c
+    out_h, out_w = cfg.data.resize or (h, w)
+    mean, std = data.mean, data.std
+    if len(mean) == 1 and out_c == 3:
+        mean, std = mean * 3, std * 3
+    if len(mean) != out_c:
+        raise ClasslabError(f"data.normalize has {len(mean)} values but the model input has {out_c} channels")
+    return Preprocess(input_shape=(out_c, out_h, out_w), mean=tuple(mean), std=tuple(std),
+                      classes=tuple(data.classes), permutation=perm, source_shape=(c, h, w),
+                      to_rgb=cfg.data.to_rgb and c == 1, resize=tuple(cfg.data.resize) if cfg.data.resize else None)
 
 
 def run_config_dict(cfg: RunConfig) -> dict:
@@ -111,8 +120,29 @@ def _worst_mistakes(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch
     return wrong[conf.argsort(descending=True)[:k]]
 
 
+def _tensorboard_writer(folder: RunFolder):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ClasslabError(
+            "train.tensorboard needs the tensorboard package: pip install 'classlab[tensorboard]'"
+        ) from None
+    return SummaryWriter(log_dir=str(folder.path / "tensorboard"))
+
+
+def _log_scalars(writer, row: dict) -> None:
+    epoch = row["epoch"]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+        if row.get(key) is not None:
+            group, _, name = key.partition("_")
+            writer.add_scalar(f"{name or group}/{group}" if name else key, row[key], epoch)
+    for group, lr in row.get("lrs", {}).items():
+        writer.add_scalar(f"lr_group/{group}", lr, epoch)
+    writer.flush()
+
+
 def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: Console,
-              restart: bool = False) -> dict:
+              restart: bool = False, on_epoch=None) -> dict:
     """Train one run into its folder (resuming an interrupted one) and return its summary."""
     if folder.is_complete and not restart:
         _check_same_config(folder, cfg)
@@ -146,11 +176,17 @@ def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: 
     if resume is not None:
         console.print(f"[cyan]{cfg.name}: resuming after epoch {resume['epoch']}[/]")
 
+    writer = _tensorboard_writer(folder) if cfg.train.tensorboard else None
+
     def save_epoch(row: dict, state: dict) -> None:
         folder.write_metrics(state["history"])
         atomic_torch_save(folder.last_path, state)
         if row["best"]:
             atomic_torch_save(folder.best_path, {"model": state["model"], "epoch": row["epoch"]})
+        if writer is not None:
+            _log_scalars(writer, row)
+        if on_epoch is not None:
+            on_epoch(row)
 
     progress = EpochProgress(console, cfg.name, cfg.train.epochs)
     try:
@@ -158,6 +194,9 @@ def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: 
     except RunFailed as e:
         folder.mark_failed(str(e))
         raise
+    finally:
+        if writer is not None:
+            writer.close()
     eval_tf = BatchTransform(pre, None, device)
     test_loss, test_acc, logits = evaluate_split(model, data.test, eval_tf, cfg, device)
     labels = data.test.labels.to(device)

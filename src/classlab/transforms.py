@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from classlab.config import Augment
+from classlab.config import Augment, ColorJitter
 
 
 def pixel_permutation(seed: int, num_pixels: int) -> torch.Tensor:
@@ -30,6 +30,13 @@ class Preprocess:
     std: tuple[float, ...]
     classes: tuple[str, ...]
     permutation: tuple[int, ...] | None = None
+    source_shape: tuple[int, int, int] | None = None  # C×H×W of the stored uint8 images (None: = input_shape)
+    to_rgb: bool = False
+    resize: tuple[int, int] | None = None
+
+    @property
+    def stored_shape(self) -> tuple[int, int, int]:
+        return self.source_shape or self.input_shape
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,9 +44,13 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         perm = d.get("permutation")
+        source = d.get("source_shape")
+        resize = d.get("resize")
         return cls(
             input_shape=tuple(d["input_shape"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
             classes=tuple(d["classes"]), permutation=tuple(perm) if perm is not None else None,
+            source_shape=tuple(source) if source else None, to_rgb=bool(d.get("to_rgb", False)),
+            resize=tuple(resize) if resize else None,
         )
 
 
@@ -57,6 +68,42 @@ def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator) -
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma, as torchvision's rgb_to_grayscale."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def color_jitter(x: torch.Tensor, jitter: ColorJitter, generator: torch.Generator) -> torch.Tensor:
+    """Per-image brightness, contrast, saturation and hue on an RGB batch in [0, 1].
+    Hue is a rotation of the chroma plane in YIQ space (a cheap, batched equivalent of an HSV hue shift)."""
+    n = x.shape[0]
+
+    def factors(amount: float) -> torch.Tensor:
+        u = torch.rand(n, 1, 1, 1, device=x.device, generator=generator)
+        return 1 + (u * 2 - 1) * amount
+
+    if jitter.brightness > 0:
+        x = (x * factors(jitter.brightness)).clamp_(0, 1)
+    if jitter.contrast > 0:
+        mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True) if x.shape[1] == 3 else x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * factors(jitter.contrast) + mean).clamp_(0, 1)
+    if x.shape[1] != 3:
+        return x
+    if jitter.saturation > 0:
+        gray = _gray(x)
+        x = ((x - gray) * factors(jitter.saturation) + gray).clamp_(0, 1)
+    if jitter.hue > 0:
+        angle = (torch.rand(n, device=x.device, generator=generator) * 2 - 1) * jitter.hue * 2 * math.pi
+        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                              device=x.device, dtype=x.dtype)
+        yiq = torch.einsum("ij,njhw->nihw", to_yiq, x)
+        cos, sin = torch.cos(angle).view(n, 1, 1), torch.sin(angle).view(n, 1, 1)
+        i, q = yiq[:, 1], yiq[:, 2]
+        yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], 1)
+        x = torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_yiq), yiq).clamp_(0, 1)
+    return x
 
 
 class BatchTransform:
@@ -83,4 +130,10 @@ class BatchTransform:
         if self.perm is not None:
             n, c, h, w = x.shape
             x = x.reshape(n, c, h * w)[:, :, self.perm].reshape(n, c, h, w)
+        if self.pre.to_rgb and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.pre.resize is not None and tuple(x.shape[-2:]) != tuple(self.pre.resize):
+            x = F.interpolate(x, size=tuple(self.pre.resize), mode="bilinear", align_corners=False, antialias=True)
+        if aug is not None and self.generator is not None and aug.color_jitter is not None:
+            x = color_jitter(x.contiguous(), aug.color_jitter, self.generator)
         return (x - self.mean) / self.std

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from classlab.config import CNNConfig, MLPConfig, PresetConfig
+from classlab.config import CNNConfig, MLPConfig, PresetConfig, ResNetConfig
 from classlab.models.cnn import CNN
 from classlab.models.mlp import MLP
 from classlab.models.presets import CNN_PRESETS
+from classlab.models.resnet import build_resnet18
 from classlab.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
@@ -32,6 +33,11 @@ def _study_d(cfg: PresetConfig, num_classes: int, in_shape: tuple[int, int, int]
     return MLP(c * h * w, [256, 128, 64], num_classes, "tanh", bool(cfg.batchnorm), cfg.dropout or 0.0, [2])
 
 
+@MODELS.register("resnet18")
+def _resnet18(cfg: ResNetConfig, num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module:
+    return build_resnet18(cfg, num_classes, in_shape)
+
+
 def _register_cnn_preset(name: str) -> None:
     @MODELS.register(name)
     def _build(cfg: PresetConfig, num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module:
@@ -43,7 +49,7 @@ for _name in CNN_PRESETS:
 
 
 def build_model(
-    cfg: MLPConfig | CNNConfig | PresetConfig, num_classes: int, in_shape: tuple[int, int, int]
+    cfg: MLPConfig | CNNConfig | PresetConfig | ResNetConfig, num_classes: int, in_shape: tuple[int, int, int]
 ) -> nn.Module:
     return MODELS.create(cfg.name, cfg, num_classes, in_shape)
 

@@ -19,6 +19,7 @@ from torch import nn
 from classlab.config import RunConfig
 from classlab.data import ImageData, Split
 from classlab.errors import RunFailed
+from classlab.models.freeze import frozen_batchnorm_to_eval, parameter_groups
 from classlab.train.callbacks import EarlyStopper
 from classlab.train.checkpoint import rng_state, set_rng_state
 from classlab.train.optim import build_optimizer, build_scheduler, l1_penalty, loss_fn
@@ -74,9 +75,16 @@ def evaluate_split(model: nn.Module, split: Split, transform: BatchTransform, cf
     return loss, acc, logits
 
 
-def param_groups(model: nn.Module) -> list[dict] | Any:
-    """Hook for per-group learning rates; by default every trainable parameter in one group."""
-    return [p for p in model.parameters() if p.requires_grad]
+def param_groups(model: nn.Module, cfg: RunConfig) -> list:
+    """Per-block learning rates when `train.lr_groups` is set, else every trainable parameter in one group."""
+    if cfg.train.lr_groups:
+        return parameter_groups(model, dict(cfg.train.lr_groups))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        from classlab.errors import ClasslabError
+
+        raise ClasslabError(f"run '{cfg.name}': every parameter is frozen; unfreeze at least the head")
+    return params
 
 
 ProgressLike = Any  # classlab.train.progress.EpochProgress or None
@@ -109,7 +117,7 @@ def fit(
     eval_tf = BatchTransform(pre, None, device)
     val = Split(data.val.images.to(device), data.val.labels.to(device)) if data.val is not None else None
 
-    optimizer = build_optimizer(params if params is not None else param_groups(model), tc, device)
+    optimizer = build_optimizer(params if params is not None else param_groups(model, cfg), tc, device)
     scheduler = build_scheduler(optimizer, tc)
     es = tc.early_stopping
     stopper = EarlyStopper(es.patience if es else None, es.monitor if es else "val_loss", es.min_delta if es else 0.0)
@@ -136,6 +144,7 @@ def fit(
         if stopped_early:
             break
         model.train()
+        frozen_batchnorm_to_eval(model)
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order_gen).to(device)
         loss_sum = torch.zeros((), device=device)
@@ -175,7 +184,7 @@ def fit(
             "val_loss": None,
             "val_accuracy": None,
             "lr": optimizer.param_groups[0]["lr"],
-            "lrs": [g["lr"] for g in optimizer.param_groups],
+            "lrs": {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)},
         }
         if val is not None:
             row["val_loss"], row["val_accuracy"], _ = evaluate_split(model, val, eval_tf, cfg, device)
