@@ -311,6 +311,12 @@ class RunConfig(Strict):
         return self
 
 
+class Select(Strict):
+    """Pick the best variant (mean over seeds) by a validation metric."""
+
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+
+
 class StudyConfig(Strict):
     """The study file as written; `runs` and `grid` hold raw overrides validated per run."""
 
@@ -322,6 +328,15 @@ class StudyConfig(Strict):
     train: dict[str, Any] = {}
     runs: list[dict[str, Any]] | None = None
     grid: dict[str, list[Any]] | None = None
+    select: Select | None = None
+    retrain_on: Literal["train+val"] | None = Field(
+        None, description="after select: train the chosen variant again on train + validation, report test")
+
+    @model_validator(mode="after")
+    def _retrain_needs_select(self) -> StudyConfig:
+        if self.retrain_on is not None and self.select is None:
+            raise ValueError("retrain_on needs select: {metric: val_accuracy} to choose what to retrain")
+        return self
 
     @field_validator("seeds")
     @classmethod

@@ -255,6 +255,65 @@ class StudyResult:
     folder: Path
     summaries: list[dict]
     failed: list[str]
+    selected: str | None = None
+
+
+def select_variant(summaries: list[dict], metric: str) -> str:
+    """The variant with the best mean (over seeds) validation metric at its kept epoch."""
+    from classlab.comparison import variant_of
+
+    scores: dict[str, list[float]] = {}
+    for s in summaries:
+        if s.get("best_val") is None:
+            raise ClasslabError(f"select: run '{s['name']}' has no validation metrics; set data.val_fraction")
+        scores.setdefault(variant_of(s["name"]), []).append(s["best_val"][metric.removeprefix("val_")])
+    sign = -1 if metric == "val_loss" else 1
+    return max(scores, key=lambda v: sign * float(np.mean(scores[v])))
+
+
+def retrain_plan(planned: list[PlannedRun], variant: str, where: str) -> list[PlannedRun]:
+    """The chosen variant again, trained on train + validation (no split, so no early stopping)."""
+    out = []
+    for run in planned:
+        if run.variant != variant:
+            continue
+        raw = run_config_dict(run.config)
+        raw["name"] = "retrain-" + run.config.name
+        raw["data"]["val_fraction"] = None
+        raw["train"]["early_stopping"] = None
+        out.append(PlannedRun(validate(RunConfig, raw, where=where), "retrain-" + variant))
+    return out
+
+
+class _Estimator:
+    """Prints the study's expected duration once, from the first trained epoch."""
+
+    def __init__(self, console: Console, planned: list[PlannedRun]) -> None:
+        self.console = console
+        self.epochs_left = sum(p.config.train.epochs for p in planned)
+        self.done = False
+
+    def __call__(self, row: dict) -> None:
+        if self.done:
+            return
+        self.done = True
+        minutes = row["seconds"] * self.epochs_left / 60
+        self.console.print(f"[dim]estimate: {self.epochs_left} epochs × {row['seconds']:.1f}s ≈ {minutes:.1f} min "
+                           "(from the first epoch; early stopping may shorten it)[/]")
+
+
+def _train_all(planned: list[PlannedRun], folder: Path, dev: torch.device, console: Console, restart: bool,
+               summaries: list[dict], failed: list[str]) -> None:
+    todo = [p for p in planned if restart or not RunFolder(folder / p.config.name).is_complete]
+    estimator = _Estimator(console, todo)
+    for i, run in enumerate(planned, start=1):
+        console.print(f"[bold]run {i}/{len(planned)}: {run.config.name}[/]")
+        try:
+            summaries.append(train_run(run.config, RunFolder(folder / run.config.name), dev, console, restart,
+                                       on_epoch=estimator))
+        except RunFailed as e:
+            console.print(f"[red]{e}[/]")
+            failed.append(run.config.name)
 
 
 def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), device: str | None = None,
@@ -267,18 +326,21 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dev
     dev = resolve_device(device or planned[0].config.train.device)
     if dev.type == "cpu" and planned[0].config.train.threads:
         torch.set_num_threads(planned[0].config.train.threads)
-    console.print(f"[bold]{study.name}[/]: {len(planned)} run(s) on {dev} -> {folder}")
-    summaries, failed = [], []
+    done = sum(RunFolder(folder / p.config.name).is_complete for p in planned) if not restart else 0
+    extra = " (+ retrain of the best)" if study.retrain_on else ""
+    console.print(f"[bold]{study.name}[/]: {len(planned)} run(s){extra}, {done} already complete, on {dev} -> {folder}")
+    summaries: list[dict] = []
+    failed: list[str] = []
     started = time.perf_counter()
-    for i, run in enumerate(planned, start=1):
-        console.print(f"[bold]run {i}/{len(planned)}: {run.config.name}[/]")
-        try:
-            summaries.append(train_run(run.config, RunFolder(folder / run.config.name), dev, console, restart))
-        except RunFailed as e:
-            console.print(f"[red]{e}[/]")
-            failed.append(run.config.name)
+    _train_all(planned, folder, dev, console, restart, summaries, failed)
+    selected = None
+    if study.select is not None and summaries:
+        selected = select_variant(summaries, study.select.metric)
+        console.print(f"[bold]selected[/] {selected} by {study.select.metric}")
+        if study.retrain_on == "train+val":
+            _train_all(retrain_plan(planned, selected, str(path)), folder, dev, console, restart, summaries, failed)
     console.print(f"[dim]study finished in {time.perf_counter() - started:.1f}s[/]")
-    return StudyResult(study, folder, summaries, failed)
+    return StudyResult(study, folder, summaries, failed, selected)
 
 
 def study_yaml_dump(cfg: RunConfig) -> str:

@@ -17,6 +17,7 @@ class EarlyStopper:
     patience: int | None
     monitor: str = "val_loss"
     min_delta: float = 0.0
+    keep_best: bool = True
     best: float = math.inf
     best_epoch: int = 0
     bad_epochs: int = 0
@@ -28,7 +29,7 @@ class EarlyStopper:
 
     def update(self, epoch: int, value: float | None, model: nn.Module) -> bool:
         """Record an epoch; True when it is the best so far."""
-        if value is None:  # no validation: the last epoch is the one we keep
+        if value is None or not self.keep_best:  # the last epoch is the one we keep
             self.best_epoch = epoch
             return True
         score = self.sign * value

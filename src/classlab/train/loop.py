@@ -120,7 +120,9 @@ def fit(
     optimizer = build_optimizer(params if params is not None else param_groups(model, cfg), tc, device)
     scheduler = build_scheduler(optimizer, tc)
     es = tc.early_stopping
-    stopper = EarlyStopper(es.patience if es else None, es.monitor if es else "val_loss", es.min_delta if es else 0.0)
+    # Without early stopping the run keeps its final weights (as a plain loop would); with it, the best.
+    stopper = EarlyStopper(es.patience if es else None, es.monitor if es else "val_loss",
+                           es.min_delta if es else 0.0, keep_best=es is not None)
     history: list[dict] = []
     start_epoch = 1
     if resume is not None:
