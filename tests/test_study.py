@@ -1,4 +1,4 @@
-from classlab.config import load_study
+from classlab.config import RunConfig, load_study, validate
 from classlab.study import expand, grid_cells
 from tests.conftest import tiny_study, write_study
 
@@ -39,3 +39,40 @@ def test_switching_model_in_a_run_replaces_it(tmp_path, idx_folder):
     cfg, cli = load_study(write_study(tmp_path / "s.yaml", study))
     runs = expand(cfg, cli)
     assert runs[1].config.model.name == "mlp" and runs[1].config.model.hidden == [8]
+
+
+def test_select_and_retrain_on_train_plus_val(tmp_path, idx_folder):
+    from rich.console import Console
+
+    from classlab.runs import RunFolder
+    from classlab.study import run_study
+
+    study = tiny_study(tmp_path, idx_folder, runs=[{"name": "small"}, {"name": "wide", "model": {
+        "name": "cnn", "layers": [{"conv": {"out": 8, "kernel": 3}}, "relu", {"maxpool": 2}, "flatten"]}}],
+        grid={"train.optimizer": ["adam", "sgd"]}, select={"metric": "val_accuracy"}, retrain_on="train+val")
+    study["train"]["epochs"] = 1
+    result = run_study(write_study(tmp_path / "s.yaml", study), console=Console(quiet=True))
+    names = [s["name"] for s in result.summaries]
+    assert names[:4] == ["small-adam", "small-sgd", "wide-adam", "wide-sgd"]
+    val_acc = {s["name"]: s["best_val"]["accuracy"] for s in result.summaries[:4]}
+    assert result.selected == max(val_acc, key=val_acc.get)
+    assert names[4] == f"retrain-{result.selected}"
+    retrained = result.summaries[4]
+    assert retrained["data"]["val"] == 0 and retrained["data"]["train"] == 240
+    assert RunFolder(tmp_path / "runs" / "toy" / names[4]).read_config()["data"]["val_fraction"] is None
+
+
+def test_every_experiment_file_expands(tmp_path):
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+    assert len(files) >= 8
+    counts = {}
+    for path in files:
+        cfg, cli = load_study(path)
+        runs = expand(cfg, cli, where=str(path))
+        counts[path.stem] = len(runs)
+        for run in runs:  # what config.yaml stores must load back to the same config
+            assert validate(RunConfig, run.config.model_dump(mode="json")) == run.config
+    assert counts["fashion-mlp-grid"] == 8 and counts["fer-resnet18"] == 4
+    assert counts["fashion-3class-permutation"] == counts["fashion-3class-cnn-dropout"] == 2

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from classlab.errors import ClasslabError, one_line
 from classlab.registry import suggest
@@ -176,7 +184,10 @@ class LayerSpec(Strict):
             return {v: {}}
         if isinstance(v, dict):
             out = {}
+            some_set = any(val is not None for val in v.values())
             for key, val in v.items():
+                if val is None and some_set:
+                    continue  # a dumped spec lists the unset kinds as None
                 if val is None:
                     val = {}
                 elif not isinstance(val, dict) and key in _SHORTHAND:
@@ -184,6 +195,11 @@ class LayerSpec(Strict):
                 out[key] = val
             return out
         return v
+
+    @model_serializer(mode="wrap")
+    def _only_the_kind(self, handler: Any) -> Any:
+        """Dump `{conv: {...}}`, not every kind with None: config.yaml stays readable."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
     @model_validator(mode="after")
     def _exactly_one(self) -> LayerSpec:
