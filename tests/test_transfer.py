@@ -161,3 +161,18 @@ def test_color_jitter_is_seeded_and_bounded():
     unclipped = (x * 1.2 < 1).flatten(1)
     per_image = [r[m].median() for r, m in zip(ratio, unclipped, strict=True)]
     assert all(0.8 - 1e-4 <= f <= 1.2 + 1e-4 for f in per_image)
+
+
+def test_summary_table_shows_frozen_and_lr_per_layer():
+    from classlab.models.summary import layer_table_text, model_table, parameter_count
+
+    lrs = {"conv1": 1e-5, "bn1": 1e-5, "layer1": 1e-5, "layer2": 5e-5, "layer3": 1e-4, "layer4": 5e-4, "fc": 1e-3}
+    model = build_model(_model_cfg(freeze={"all_but": ["layer4", "fc"]}), 7, (3, 64, 64))
+    _, rows = model_table(model, (3, 64, 64), lrs, 1e-3)
+    by_name = {r["layer"]: r for r in rows}
+    assert by_name["layer1.0.conv1"]["trainable"] == 0 and by_name["layer1.0.conv1"]["lr"] is None
+    assert by_name["layer4.0.conv1"]["trainable"] == 256 * 512 * 9 and by_name["layer4.0.conv1"]["lr"] == 5e-4
+    assert by_name["fc"]["output_shape"] == [2, 7]
+    text = layer_table_text(rows, parameter_count(model), (3, 64, 64))
+    assert "frozen" in text and "0.0005" in text and "11,180,103 parameters" not in text
+    assert f"{parameter_count(model)['frozen']:,} frozen" in text

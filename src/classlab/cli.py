@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from importlib import resources
 from pathlib import Path
@@ -50,17 +51,20 @@ def run(
     path = study or demo_study()
     try:
         result = run_study(path, override, device=device, restart=restart, console=console)
+        if result.summaries:
+            print_comparison(result.summaries, f"{result.study.name}: test set")
+        _make_report(result.folder)
     except KeyboardInterrupt:
+        again = ["classlab", "run", *([str(study)] if study else []), *(x for o in override for x in ("-o", o)),
+                 *([f"--device={device}"] if device else [])]
         sys.stderr.write(
-            "interrupted: every finished epoch is saved; run the same command again to resume "
-            "(or add --restart to start over)\n"
+            "interrupted: every finished epoch is saved; resume with: "
+            f"{shlex.join(again)} (add --restart to start over)\n"
         )
         raise typer.Exit(130) from None
-    if result.summaries:
-        print_comparison(result.summaries, f"{result.study.name}: test set")
-    _make_report(result.folder)
     if result.failed:
-        sys.stderr.write(f"{len(result.failed)} run(s) failed: {', '.join(result.failed)}\n")
+        where = result.folder / "<run>" / "failed.json"
+        sys.stderr.write(f"{len(result.failed)} run(s) failed: {', '.join(result.failed)}; reasons in {where}\n")
         raise typer.Exit(1)
 
 
@@ -84,7 +88,7 @@ def summary(
     from classlab.config import load_study
     from classlab.data import load_dataset
     from classlab.models import build_model
-    from classlab.models.summary import model_table
+    from classlab.models.summary import layer_table_text, model_table, parameter_count
     from classlab.study import expand, preprocess_for
 
     cfg, cli = load_study(study, override)
@@ -94,9 +98,80 @@ def summary(
         pre = preprocess_for(run_cfg, data)
         torch.manual_seed(run_cfg.seed)
         model = build_model(run_cfg.model, len(data.classes), pre.input_shape)
-        table, _ = model_table(model, pre.input_shape)
-        console.print(f"[bold]{run_cfg.name}[/]  input {list(pre.input_shape)}, {len(data.classes)} classes")
-        console.print(table, highlight=False, markup=False)
+        _, rows = model_table(model, pre.input_shape, run_cfg.train.lr_groups, run_cfg.train.lr)
+        console.print(f"[bold]{run_cfg.name}[/]  {len(data.classes)} classes")
+        console.print(layer_table_text(rows, parameter_count(model), pre.input_shape), highlight=False,
+                      markup=False, soft_wrap=True)
+
+
+@app.command()
+def report(runs_dir: Path = typer.Argument(..., help="a study folder of run folders, e.g. runs/demo")) -> None:
+    """Re-make report.html and report.md from a study's run folders, without training."""
+    from classlab.report import make_report
+
+    html_path, md_path = make_report(runs_dir)
+    console.print(f"report: {html_path}\nmarkdown: {md_path}", markup=False, highlight=False)
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="run folder A"),
+    run_b: Path = typer.Argument(..., help="run folder B"),
+    images: Path | None = typer.Option(None, "--images", help="your own images (folder or file); default: test set"),
+    n: int = typer.Option(8, "--n", help="how many images get a probability figure"),
+    out: Path | None = typer.Option(None, "--out", help="output folder (default: beside RUN_A)"),
+) -> None:
+    """Two models' class probabilities side by side, image by image, and where they disagree."""
+    from rich.markup import escape
+
+    from classlab.report.compare import compare
+
+    result = compare(run_a, run_b, images=images, n=n, out=out)
+    shown = result.disagreements[:20]
+    table = Table(title=escape(f"A = {run_a.name}, B = {run_b.name}: they disagree on "
+                               f"{len(result.disagreements)} of {result.total} images"))
+    for col in ("image", "true", "A predicts", "p", "B predicts", "p"):
+        table.add_column(col, justify="right" if col == "p" else "left")
+    for row in shown:
+        table.add_row(*(escape(str(row.get(k, ""))) for k in ("image", "true", "a", "pa", "b", "pb")))
+    if shown:
+        console.print(table)
+    else:
+        console.print(table.title)
+    console.print(f"comparison: {result.html}\nmarkdown: {result.md}", markup=False, highlight=False)
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/demo/original"),
+    images: list[Path] = typer.Argument(..., help="image files and/or folders of images"),
+    top_k: int = typer.Option(3, "--top-k", help="classes shown per image"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    csv_path: Path | None = typer.Option(None, "--csv", help="also write the top-k rows to this CSV file"),
+    show: Path | None = typer.Option(None, "--show", help="figure(s): original, prepared input, probabilities"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    prepare: bool | None = typer.Option(None, "--prepare/--no-prepare",
+                                        help="photo preparation (default: on for MNIST-style runs)"),
+    grayscale: bool | None = typer.Option(None, "--grayscale/--no-grayscale", help="convert to gray first"),
+    invert: str | None = typer.Option(None, "--invert", help="auto (border lighter than centre) | yes | no"),
+    background: bool | None = typer.Option(None, "--background/--no-background",
+                                           help="shift the border's level to black"),
+    crop: bool | None = typer.Option(None, "--crop/--no-crop",
+                                     help="crop to the object, pad to the input's aspect, resize keeping aspect"),
+    margin: float | None = typer.Option(None, "--margin", help="crop margin, a fraction of the object's long side"),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize",
+                                   help="the run's normalization (turn off only to diagnose)"),
+) -> None:
+    """Top-k classes for your own images, prepared exactly as the run's test images were."""
+    from classlab.predict import run_predict
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ClasslabError(f"--device '{device}': choose auto, cpu or cuda")
+    code = run_predict(run_dir, list(images), top_k=top_k, as_json=as_json, csv_path=csv_path, show=show,
+                       device=device, normalize=normalize, console=console, prepare_photo=prepare,
+                       grayscale=grayscale, invert=invert, background=background, crop=crop, margin=margin)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -18,8 +18,8 @@ from classlab.data import ImageData, load_dataset
 from classlab.errors import ClasslabError, RunFailed
 from classlab.evaluate import classification_report
 from classlab.models import build_model
-from classlab.models.summary import model_table, parameter_count
-from classlab.runs import RunFolder, atomic_torch_save, atomic_write_bytes, safe_torch_load
+from classlab.models.summary import layer_table_text, model_table, parameter_count
+from classlab.runs import RunFolder, atomic_torch_save, atomic_write_bytes
 from classlab.train.loop import evaluate_split, fit, resolve_device
 from classlab.train.progress import EpochProgress
 from classlab.transforms import BatchTransform, Preprocess, pixel_permutation
@@ -151,7 +151,7 @@ def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: 
     resume = None
     if not restart and folder.last_path.is_file() and folder.config_path.is_file():
         _check_same_config(folder, cfg)
-        resume = safe_torch_load(folder.last_path)
+        resume = folder.read_last()
     folder.prepare(restart=restart and not resume)
     data = load_dataset(cfg.data)
     if cfg.train.batch_size > len(data.train):
@@ -164,10 +164,11 @@ def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(data.classes), pre.input_shape).to(device)
     params = parameter_count(model)
-    table, rows = model_table(model, pre.input_shape)
+    table, rows = model_table(model, pre.input_shape, cfg.train.lr_groups, cfg.train.lr)
     folder.write_config(run_config_dict(cfg))
     folder.write_json("preprocessing.json", pre.to_dict())
-    atomic_write_bytes(folder.path / "model_summary.txt", (table + "\n").encode())
+    text = layer_table_text(rows, params, pre.input_shape)
+    atomic_write_bytes(folder.path / "model_summary.txt", (text + "\n\n" + table + "\n").encode())
     folder.write_json("model_summary.json", {"rows": rows, "parameters": params})
     log_lines = [f"data: {data.source}", f"train {len(data.train)}, val {len(data.val) if data.val else 0}, "
                  f"test {len(data.test)} images, classes {data.classes}"]
@@ -179,10 +180,12 @@ def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: 
     writer = _tensorboard_writer(folder) if cfg.train.tensorboard else None
 
     def save_epoch(row: dict, state: dict) -> None:
-        folder.write_metrics(state["history"])
-        atomic_torch_save(folder.last_path, state)
+        # best.pt before last.pt before metrics: a kill between two writes leaves nothing that claims an
+        # epoch last.pt lacks, and the resumed run redoes that epoch identically (rewriting best.pt too)
         if row["best"]:
             atomic_torch_save(folder.best_path, {"model": state["model"], "epoch": row["epoch"]})
+        atomic_torch_save(folder.last_path, state)
+        folder.write_metrics(state["history"])
         if writer is not None:
             _log_scalars(writer, row)
         if on_epoch is not None:
@@ -312,7 +315,7 @@ def _train_all(planned: list[PlannedRun], folder: Path, dev: torch.device, conso
             summaries.append(train_run(run.config, RunFolder(folder / run.config.name), dev, console, restart,
                                        on_epoch=estimator))
         except RunFailed as e:
-            console.print(f"[red]{e}[/]")
+            console.print(f"failed: {e}", style="red", markup=False, highlight=False, soft_wrap=True)  # one line
             failed.append(run.config.name)
 
 

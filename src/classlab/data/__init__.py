@@ -135,7 +135,7 @@ def _fer(cfg: DataConfig) -> RawData:
         raise ClasslabError("data.dataset 'fer2013' needs data.root: fer2013.csv, or a folder of train/ test/ images")
     root = Path(cfg.root).expanduser()
     csv_path = root / "fer2013.csv" if root.is_dir() else root
-    if csv_path.suffix == ".csv" or (root.is_dir() and csv_path.is_file()):
+    if csv_path.is_file() or (not root.is_dir() and root.suffix == ".csv"):
         key = ("fer", _fingerprint([csv_path]) if csv_path.is_file() else str(csv_path))
         if key not in _CACHE:
             parts = read_fer_csv(csv_path)

@@ -1,30 +1,47 @@
-"""Model tables (layer, output shape, parameters, trainable / frozen) via torchinfo."""
+"""Model tables (layer, output shape, parameters, trainable / frozen, LR group) via torchinfo."""
 
 from __future__ import annotations
 
-import torch
 import torchinfo
 from torch import nn
 
+from classlab.models.freeze import ALIASES
+
+
+def _dotted_name(layer) -> str:
+    parts = []
+    while layer is not None and layer.depth > 0:
+        parts.append(layer.var_name)
+        layer = layer.parent_info
+    return ".".join(reversed(parts)) or "(model)"
+
 
 def model_table(model: nn.Module, input_shape: tuple[int, int, int],
-                lr_of: dict[str, float] | None = None) -> tuple[str, list[dict]]:
-    """torchinfo's text table and one row per layer for the report; runs one forward pass on CPU."""
+                lr_groups: dict[str, float] | None = None, default_lr: float | None = None) -> tuple[str, list[dict]]:
+    """torchinfo's text table and one row per layer (dotted name, output shape, own parameters,
+    trainable count, LR group); runs one forward pass."""
     device = next(model.parameters()).device
     stats = torchinfo.summary(
         model, input_size=(2, *input_shape), col_names=("output_size", "num_params", "trainable"),
         depth=4, verbose=0, device=device, mode="eval",
     )
+    groups = {ALIASES.get(k, k): v for k, v in (lr_groups or {}).items()}
     rows = []
     for layer in stats.summary_list:
-        own = [p for p in layer.module.parameters(recurse=False)] if hasattr(layer, "module") else []
+        own = list(layer.module.parameters(recurse=False))
+        name = _dotted_name(layer)
+        block = name.split(".")[0]
+        trainable = int(sum(p.numel() for p in own if p.requires_grad))
+        lr = groups.get(block, default_lr if not groups else None)
         rows.append({
-            "layer": layer.get_layer_name(show_var_name=True, show_depth=False),
+            "layer": name,
+            "type": type(layer.module).__name__,
             "depth": layer.depth,
             "output_shape": list(layer.output_size) if layer.output_size else [],
             "params": int(sum(p.numel() for p in own)),
-            "trainable": int(sum(p.numel() for p in own if p.requires_grad)),
-            "leaf": layer.is_leaf_layer,
+            "trainable": trainable,
+            "lr_group": block if block in groups else None,
+            "lr": lr if trainable else None,
         })
     return str(stats), rows
 
@@ -35,4 +52,29 @@ def parameter_count(model: nn.Module) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
 
 
-__all__ = ["model_table", "parameter_count", "torch"]
+def layer_table_text(rows: list[dict], params: dict[str, int], input_shape: tuple[int, int, int]) -> str:
+    """The table `classlab summary` prints and the run folder keeps: one line per layer, indented by
+    depth, with its own parameters split into trainable / frozen and its learning rate."""
+    header = ("layer", "type", "output shape", "params", "trainable", "frozen", "lr")
+    body = []
+    for r in rows:
+        if r["depth"] == 0:
+            continue
+        frozen = r["params"] - r["trainable"]
+        body.append((
+            "  " * (r["depth"] - 1) + r["layer"].split(".")[-1] if r["depth"] > 1 else r["layer"],
+            r["type"],
+            "×".join(str(d) for d in r["output_shape"][1:]) or "-",
+            f"{r['params']:,}" if r["params"] else "",
+            f"{r['trainable']:,}" if r["trainable"] else "",
+            f"{frozen:,}" if frozen else "",
+            f"{r['lr']:g}" if r.get("lr") is not None else "",
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*header), "  ".join("-" * w for w in widths)]
+    lines += [fmt.format(*row) for row in body]
+    lines.append("")
+    lines.append(f"input {'×'.join(map(str, input_shape))}; parameters {params['total']:,}: "
+                 f"{params['trainable']:,} trainable, {params['frozen']:,} frozen")
+    return "\n".join(lines)
