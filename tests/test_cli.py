@@ -60,7 +60,7 @@ def test_run_trains_skips_and_prints_table(run_cli, tmp_path, idx_folder):
     summary = json.loads((tmp_path / "runs" / "toy" / "permuted" / "summary.json").read_text())
     assert summary["epochs_run"] == 2
     code, out, _ = run_cli("run", str(path))
-    assert code == 0 and out.count("already complete") == 2
+    assert code == 0 and out.count("already complete, skipped") == 2
 
 
 def test_demo_runs_with_no_argument(run_cli, tmp_path, monkeypatch):
