@@ -75,5 +75,5 @@ def test_summary_command_prints_model_table(run_cli, tmp_path, idx_folder):
     path = write_study(tmp_path / "s.yaml", tiny_study(tmp_path, idx_folder))
     code, out, err = run_cli("summary", str(path))
     assert code == 0, err
-    assert "Conv2d" in out and "Trainable" in out
+    assert "Conv2d" in out and "trainable" in out and "frozen" in out
     assert not (tmp_path / "runs").exists()
