@@ -64,7 +64,11 @@ def main() -> None:
     console = Console()
     rows = []
     started = time.perf_counter()
-    for study in (s for s in STUDIES if s.key in args.studies):
+    by_key = {s.key: s for s in STUDIES}
+    unknown = [k for k in args.studies if k not in by_key]
+    if unknown:
+        parser.error(f"unknown studies {unknown}; choose from {list(by_key)}")
+    for study in (by_key[k] for k in args.studies):
         overrides = [f"seeds={args.seeds}", f"out_dir={args.out}"]
         if study.data_root:
             overrides.append(f"data.root={Path(args.data) / study.data_root}")
