@@ -37,3 +37,17 @@ def test_mnist_and_notmnist_idx():
 
         x, y = read_idx_pair(notmnist / "t10k-images-idx3-ubyte.gz", notmnist / "t10k-labels-idx1-ubyte.gz")
         assert x.shape == (10000, 1, 28, 28) and int(y.max()) == 9
+
+
+def test_image_folders_notmnist_and_fer():
+    notmnist = SHARED_DATA / "notmnist-small"
+    fer = SHARED_DATA / "fer-sample"
+    if not notmnist.is_dir() or not fer.is_dir():
+        pytest.skip("notmnist-small / fer-sample absent from ../shared/data")
+    letters = load_dataset(DataConfig(dataset="image-folder", root=str(notmnist), val_fraction=None))
+    assert letters.classes == list("ABCDEFGHIJ") and len(letters.train) == 2000 and len(letters.test) == 500
+    assert letters.train.images.shape[1:] == (1, 28, 28)
+    faces = load_dataset(DataConfig(dataset="fer2013", root=str(fer), val_fraction=0.1))
+    assert faces.classes == ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    assert (len(faces.train), len(faces.val), len(faces.test)) == (700, 140, 210)  # its own validation/ split
+    assert faces.train.images.shape[1:] == (1, 48, 48)
