@@ -1,0 +1,210 @@
+"""The report's figures, drawn with matplotlib's Agg backend (no display, no GUI toolkit) into PNG bytes.
+
+Every figure is rendered with `text.parse_math` off, so a class or run name holding `$` is drawn as
+written instead of being parsed as TeX (which can fail).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+STYLE = {"text.parse_math": False, "font.size": 9, "axes.titlesize": 10, "figure.dpi": 100,
+         "axes.grid": True, "grid.alpha": 0.3}
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A finished figure: `key` names its file beside report.md, `alt` describes it."""
+
+    key: str
+    alt: str
+    png: bytes
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def short(text: str, n: int = 18) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(m["epoch"], m[key]) for m in metrics if m.get(key) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def learning_curves(metrics: list[dict], best_epoch: int | None, stopped_early: bool, planned_epochs: int | None,
+                    key: str, title: str) -> Plot:
+    """Train/validation loss and accuracy per epoch; the best epoch marked, epochs cut by early stopping shaded."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        last = max((m["epoch"] for m in metrics), default=0)
+        for ax, metric, scale, label in ((axes[0], "loss", 1, "loss"), (axes[1], "accuracy", 100, "accuracy (%)")):
+            for split, style in (("train", "-o"), ("val", "--s")):
+                x, y = _series(metrics, f"{split}_{metric}")
+                if x:
+                    ax.plot(x, [v * scale for v in y], style, markersize=3, label=split)
+            ref = "val" if _series(metrics, f"val_{metric}")[0] else "train"
+            x, y = _series(metrics, f"{ref}_{metric}")
+            if best_epoch in x:
+                ax.axvline(best_epoch, color="tab:green", linestyle=":", linewidth=1.2)
+                ax.plot([best_epoch], [y[x.index(best_epoch)] * scale], "*", color="tab:green", markersize=12,
+                        label=f"best epoch {best_epoch}")
+            if stopped_early and planned_epochs and planned_epochs > last:
+                ax.axvspan(last, planned_epochs, color="grey", alpha=0.15,
+                           label=f"early stop after epoch {last} of {planned_epochs}")
+                ax.set_xlim(0.5, planned_epochs + 0.5)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+            ax.set_title(f"{label}")
+            ax.legend(fontsize=8)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        fig.suptitle(title)
+        fig.tight_layout()
+        return Plot(key, f"learning curves of {title}", _png(fig))
+
+
+def confusion(matrix: list[list[int]], classes: list[str], key: str, title: str) -> Plot:
+    """Counts and row-normalized (recall per true class) side by side, class names on both axes."""
+    cm = np.asarray(matrix, dtype=float)
+    k = len(classes)
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    side = max(3.8, 0.45 * k + 2.2)
+    names = [short(c) for c in classes]
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
+        for ax, data, label, fmt, top in ((axes[0], cm, "counts", "{:.0f}", max(float(cm.max()), 1.0)),
+                                          (axes[1], norm, "row-normalized (recall)", "{:.2f}", 1.0)):
+            image = ax.imshow(data, cmap="Blues", vmin=0, vmax=top)
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+            ax.set_xticks(range(k), names, rotation=45, ha="right")
+            ax.set_yticks(range(k), names)
+            ax.set_xlabel("predicted class")
+            ax.set_ylabel("true class")
+            ax.set_title(label)
+            if k <= 20:
+                for i in range(k):
+                    for j in range(k):
+                        ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if data[i, j] > 0.55 * top else "black")
+        fig.suptitle(f"{title}: confusion matrix (test set)")
+        fig.tight_layout()
+        return Plot(key, f"confusion matrix of {title}, counts and row-normalized", _png(fig))
+
+
+def to_hwc(image: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """C×H×W uint8 -> what imshow wants, and the colormap for gray images."""
+    if image.ndim == 3 and image.shape[0] == 1:
+        return image[0], "gray"
+    if image.ndim == 3:
+        return np.transpose(image, (1, 2, 0)), None
+    return image, "gray"
+
+
+def mistakes_grid(images: np.ndarray, true: list[str], pred: list[str], prob: list[float], key: str,
+                  title: str, cols: int = 8) -> Plot:
+    """The test images the model got wrong with the highest confidence."""
+    n = len(images)
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.2 * rows + 0.3), squeeze=False,
+                                 layout="constrained")
+        for ax in axes.flat:
+            ax.axis("off")
+        for i in range(n):
+            ax = axes.flat[i]
+            img, cmap = to_hwc(images[i])
+            ax.imshow(img, cmap=cmap, vmin=0, vmax=255)
+            ax.set_title(f"true: {short(true[i], 14)}\npred: {short(pred[i], 14)}\np = {prob[i]:.2f}", fontsize=7)
+        fig.suptitle(f"{title}: most confident mistakes")
+        return Plot(key, f"worst test mistakes of {title}", _png(fig))
+
+
+def overlaid_curves(runs: list[tuple[str, str, list[dict]]], key: str, title: str) -> Plot:
+    """Validation (else training) loss and accuracy of every run on shared axes; colour per variant."""
+    variants = list(dict.fromkeys(v for _, v, _ in runs))
+    colors = plt.get_cmap("tab10")
+    styles = ["-", "--", ":", "-."]
+    seen: dict[str, int] = {}
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for name, variant, metrics in runs:
+            index = seen[variant] = seen.get(variant, -1) + 1
+            color = colors(variants.index(variant) % 10)
+            for ax, metric, scale in ((axes[0], "loss", 1), (axes[1], "accuracy", 100)):
+                split = "val" if _series(metrics, f"val_{metric}")[0] else "train"
+                x, y = _series(metrics, f"{split}_{metric}")
+                ax.plot(x, [v * scale for v in y], styles[index % 4], color=color, marker="o", markersize=3,
+                        label=short(name, 30) + ("" if split == "val" else " (train)"))
+        has_val = [bool(_series(m, "val_loss")[0]) for _, _, m in runs]
+        split = "validation" if all(has_val) else "training" if not any(has_val) else "validation (else training)"
+        for ax, label in ((axes[0], f"{split} loss"), (axes[1], f"{split} accuracy (%)")):
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+            ax.set_title(label)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.suptitle(title)
+        fig.tight_layout()
+        return Plot(key, f"learning curves of all runs of {title}", _png(fig))
+
+
+def probability_bars(image: np.ndarray | None, label: str, names: tuple[str, str],
+                     classes: tuple[list[str], list[str]], probs: tuple[np.ndarray, np.ndarray],
+                     key: str, top: int = 10) -> Plot:
+    """One image and both models' class probabilities; grouped bars when the two share their classes."""
+    same = classes[0] == classes[1]
+    panels = 1 if same else 2
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 1 + panels, figsize=(3 + 4.2 * panels, 3.2), squeeze=False,
+                                 gridspec_kw={"width_ratios": [1] + [2] * panels})
+        axes = axes[0]
+        axes[0].axis("off")
+        if image is not None:
+            img, cmap = to_hwc(image)
+            axes[0].imshow(img, cmap=cmap, vmin=0, vmax=255)
+        axes[0].set_title(short(label, 30))
+        if same:
+            order = _top_classes([probs[0], probs[1]], top)
+            y = np.arange(len(order))
+            for offset, (name, p, color) in enumerate(zip(names, probs, ("tab:blue", "tab:orange"), strict=True)):
+                axes[1].barh(y + (0.2 if offset else -0.2), p[order], height=0.4, color=color, label=short(name, 30))
+            axes[1].set_yticks(y, [short(classes[0][i]) for i in order])
+            axes[1].invert_yaxis()
+            axes[1].set_xlim(0, 1)
+            axes[1].set_xlabel("probability")
+            axes[1].legend(fontsize=7, loc="lower right")
+            axes[1].set_title("predicted class probabilities")
+        else:
+            for ax, name, cls, p in zip(axes[1:], names, classes, probs, strict=True):
+                order = _top_classes([p], top)
+                ax.barh(np.arange(len(order)), p[order], color="tab:blue")
+                ax.set_yticks(np.arange(len(order)), [short(cls[i]) for i in order])
+                ax.invert_yaxis()
+                ax.set_xlim(0, 1)
+                ax.set_xlabel("probability")
+                ax.set_title(short(name, 30))
+        fig.tight_layout()
+        return Plot(key, f"class probabilities of both models for {label}", _png(fig))
+
+
+def _top_classes(probs: list[np.ndarray], top: int) -> list[int]:
+    """Class indices by the highest probability either model gives them, at most `top`."""
+    best = np.max(np.stack(probs), axis=0)
+    return [int(i) for i in np.argsort(-best, kind="stable")[:top]]

@@ -1,0 +1,121 @@
+"""Sanity notes computed from the runs, so a suspicious result is flagged in the report rather than missed.
+
+Checks: test accuracy near chance; validation accuracy far above training accuracy; a pixel-permuted run
+beating its original by more than the noise (seed noise with ≥ 2 seeds, else test-set sampling noise).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+from classlab.comparison import VariantRow, variant_of
+from classlab.report.load import RunData
+
+VAL_ABOVE_TRAIN = 0.10  # accuracy points (as a fraction) at the last epoch
+
+
+@dataclass(frozen=True)
+class Note:
+    kind: str  # near_chance | val_above_train | permuted_beats_original
+    subject: str
+    text: str
+
+
+def chance_level(summary: dict) -> float:
+    """What always predicting the most common test class scores (1/K on a balanced test set)."""
+    support = summary["test"]["per_class"]["support"]
+    total = sum(support)
+    return max(support) / total if total else 0.0
+
+
+def near_chance(rows: list[VariantRow], runs: list[RunData]) -> list[Note]:
+    by_variant = {variant_of(r.name): r for r in runs}
+    notes = []
+    for row in rows:
+        chance = chance_level(by_variant[row.variant].summary)
+        if row.accuracy.mean < chance + 0.1 * (1 - chance):
+            notes.append(Note("near_chance", row.variant,
+                              f"{row.variant}: test accuracy {row.accuracy.mean:.1%} is near chance "
+                              f"({chance:.1%}, always predicting the most common class); the model learned "
+                              "little: check the learning rate, the epochs and the labels."))
+    return notes
+
+
+def val_above_train(runs: list[RunData]) -> list[Note]:
+    notes = []
+    for run in runs:
+        last = next((m for m in reversed(run.metrics) if m.get("val_accuracy") is not None), None)
+        if last is None or last.get("train_accuracy") is None:
+            continue
+        gap = last["val_accuracy"] - last["train_accuracy"]
+        if gap > VAL_ABOVE_TRAIN:
+            notes.append(Note("val_above_train", run.name,
+                              f"{run.name}: validation accuracy {last['val_accuracy']:.1%} is {gap * 100:.1f} "
+                              f"points above training accuracy {last['train_accuracy']:.1%} at epoch "
+                              f"{last['epoch']}. Training accuracy is averaged while the weights still change and "
+                              "dropout/augmentation act only in training; if it persists, check that the "
+                              "validation images are not easier than (or also in) the training set."))
+    return notes
+
+
+def _without_permutation(config: dict) -> dict:
+    out = copy.deepcopy(config)
+    out.pop("name", None)
+    out.pop("seed", None)
+    (out.get("data") or {}).pop("permute_pixels", None)
+    return out
+
+
+def is_permuted(run: RunData) -> bool:
+    return bool((run.config.get("data") or {}).get("permute_pixels"))
+
+
+def originals(runs: list[RunData]) -> dict[str, str]:
+    """Permuted variant -> the variant with the same config except data.permute_pixels (and name/seed)."""
+    plain = [(variant_of(r.name), _without_permutation(r.config)) for r in runs if r.config and not is_permuted(r)]
+    out = {}
+    for run in runs:
+        if not is_permuted(run):
+            continue
+        stripped = _without_permutation(run.config)
+        match = next((variant for variant, cfg in plain if cfg == stripped), None)
+        if match is not None:
+            out[variant_of(run.name)] = match
+    return out
+
+
+def _noise(a: VariantRow, b: VariantRow, runs: list[RunData]) -> tuple[float, str]:
+    """95% half-width of the difference of two accuracies: over seeds when both have ≥ 2, else binomial."""
+    if a.accuracy.n >= 2 and b.accuracy.n >= 2:
+        return math.hypot(a.accuracy.ci95, b.accuracy.ci95), "95% interval over seeds"
+    sizes = {variant_of(r.name): sum(r.summary["test"]["per_class"]["support"]) for r in runs}
+
+    def var(row: VariantRow) -> float:
+        p = row.accuracy.mean
+        return p * (1 - p) / max(sizes.get(row.variant, 1), 1)
+
+    return 1.96 * math.sqrt(var(a) + var(b)), "95% test-set sampling noise; one seed, so seed noise is unknown"
+
+
+def permuted_beats_original(rows: list[VariantRow], runs: list[RunData]) -> list[Note]:
+    by_name = {r.variant: r for r in rows}
+    notes = []
+    for permuted, original in originals(runs).items():
+        p, o = by_name.get(permuted), by_name.get(original)
+        if p is None or o is None:
+            continue
+        diff = p.accuracy.mean - o.accuracy.mean
+        noise, how = _noise(p, o, runs)
+        if diff > noise:
+            notes.append(Note("permuted_beats_original", permuted,
+                              f"{permuted} (pixels permuted, {p.accuracy.mean:.1%}) beats its original {original} "
+                              f"({o.accuracy.mean:.1%}) by {diff * 100:.1f} points, more than the noise "
+                              f"(±{noise * 100:.1f} points, {how}). A fixed permutation removes spatial structure a "
+                              "CNN relies on; check both runs' data and configs."))
+    return notes
+
+
+def sanity_notes(rows: list[VariantRow], runs: list[RunData]) -> list[Note]:
+    return near_chance(rows, runs) + val_above_train(runs) + permuted_beats_original(rows, runs)

@@ -1,0 +1,262 @@
+"""The study report: made after `classlab run`, re-made from run folders alone, self-contained, escaped,
+and it opens in a real browser (headless Chromium) with every image decoded."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from classlab.comparison import compare_runs
+from classlab.report import make_report
+from classlab.report.context import build_context, comparison_rows, confused_pairs
+from classlab.report.load import RunData
+from classlab.report.plots import learning_curves
+from classlab.report.render import md_escape
+from classlab.report.sanity import sanity_notes
+from tests.conftest import make_idx_folder, tiny_study, write_study
+
+EVIL = "<script>alert(1)</script>"
+
+
+def _cli(*args: str) -> int:
+    from classlab.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory) -> Path:
+    """The bundled demo study, trained once for this module: 1 epoch on 600 / 200 images."""
+    from classlab.cli import demo_study
+
+    root = tmp_path_factory.mktemp("demo")
+    study = yaml.safe_load(demo_study().read_text())
+    study["out_dir"] = str(root / "runs")
+    path = root / "demo.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    code = _cli("run", str(path), "-o", "train.epochs=1", "-o", "data.subset={train: 600, test: 200}")
+    assert code == 0
+    return root / "runs" / "demo"
+
+
+def test_run_writes_self_contained_report(demo_runs):
+    html_path, md_path = demo_runs / "report.html", demo_runs / "report.md"
+    assert html_path.is_file() and md_path.is_file()
+    html = html_path.read_text()
+    assert 'id="comparison"' in html and "original" in html and "permuted" in html
+    # self-contained: every image is a data URI, nothing is fetched from anywhere
+    sources = re.findall(r'<img src="([^"]*)"', html)
+    assert len(sources) == 1 + 2 * 3  # overlaid curves + per run: curves, confusion, mistakes
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r'(src|href)="(https?:)?//', html) and "<link" not in html
+    # the report's sections, per run and per study
+    for needle in ("Sanity notes", "Learning curves of all runs", "Confusion matrix", "Per-class precision",
+                   "macro avg", "weighted avg", "Most-confused class pairs", "Worst test mistakes",
+                   "torchinfo summary", "trainable", "frozen", "pixel-permuted version of original"):
+        assert needle in html, needle
+    # the Markdown twin references PNG files that exist beside it
+    md = md_path.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == len(sources)
+    assert all((demo_runs / link).is_file() and (demo_runs / link).read_bytes()[:4] == b"\x89PNG" for link in links)
+    assert "| run | seeds | test accuracy %" in md
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None
+
+
+def _chromium_run(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", f"--user-data-dir={profile}"]
+    return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=180)
+
+
+def test_report_opens_in_headless_chromium(demo_runs, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("headless Chromium is not installed and could not be (Debian: apt-get install chromium; "
+                    ".ci/run installs it where it can)")
+    url = (demo_runs / "report.html").resolve().as_uri()
+    dom = _chromium_run(binary, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    body = re.search(r"<body[^>]*>", dom.stdout)
+    assert body, dom.stdout[:500]
+    images = re.search(r'data-images="(\d+)"', body.group(0))
+    broken = re.search(r'data-broken-images="(\d+)"', body.group(0))
+    assert images and broken, f"the page's load check did not run: {body.group(0)}"
+    assert int(images.group(1)) == 7 and int(broken.group(1)) == 0
+    assert 'id="comparison"' in dom.stdout and "<td" in dom.stdout
+
+    shot = demo_runs / "report_screenshot.png"
+    run = _chromium_run(binary, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,900", url)
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        assert img.size == (1280, 900)
+        assert len(np.unique(np.asarray(img.convert("L")))) > 10  # not a blank page
+
+
+def test_report_command_remakes_without_training(demo_runs, run_cli, monkeypatch):
+    import classlab.study
+    import classlab.train.loop
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the report must not train")
+
+    monkeypatch.setattr(classlab.study, "train_run", no_training)
+    monkeypatch.setattr(classlab.train.loop, "fit", no_training)
+    run_files = {p: p.stat().st_mtime_ns for run in demo_runs.glob("*/summary.json") for p in run.parent.rglob("*")
+                 if p.is_file()}
+    assert len(run_files) > 10
+    (demo_runs / "report.html").unlink()
+    (demo_runs / "report.md").unlink()
+    shutil.rmtree(demo_runs / "report_files")
+    code, out, err = run_cli("report", str(demo_runs))
+    assert code == 0, err
+    assert "report.html" in out
+    assert (demo_runs / "report.html").is_file() and (demo_runs / "report.md").is_file()
+    assert len(list((demo_runs / "report_files").glob("*.png"))) == 7
+    assert {p: p.stat().st_mtime_ns for p in run_files} == run_files  # run folders untouched
+
+
+def test_report_command_bad_folder_is_one_line(run_cli, tmp_path):
+    code, _, err = run_cli("report", str(tmp_path / "absent"))
+    assert code == 2 and err.startswith("error: ") and "absent" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli("report", str(tmp_path / "empty"))
+    assert code == 2 and "no classlab runs" in err
+
+
+def test_user_strings_are_escaped(run_cli, tmp_path):
+    data = make_idx_folder(tmp_path / "toy")
+    study = tiny_study(tmp_path, data, runs=[{"name": "original"}])
+    study["data"]["relabel"] = {EVIL: ["0", "1"], "other": ["2", "3"]}
+    study["train"]["epochs"] = 1
+    code, _, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
+    assert code == 0, err
+    folder = tmp_path / "runs" / "toy"
+    html = (folder / "report.html").read_text()
+    assert EVIL not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("<script") == 1  # only the report's own offline image check
+    md = (folder / "report.md").read_text()
+    assert EVIL not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+    assert md_escape("a|b <i>[x]</i>") == "a\\|b &lt;i&gt;\\[x\\]&lt;/i&gt;"
+
+
+# ----------------------------------------------------------------------------- computed content, no training
+
+
+def _summary(name: str, accuracy: float, seed: int = 0, classes: int = 4, n: int = 400) -> dict:
+    support = [n // classes] * classes
+    f1 = {"precision": accuracy, "recall": accuracy, "f1": accuracy, "support": n}
+    cm = [[0] * classes for _ in range(classes)]
+    for i in range(classes):
+        right = round(support[i] * accuracy)
+        cm[i][i] = right
+        cm[i][(i + 1) % classes] = support[i] - right
+    return {"name": name, "seed": seed, "classes": [f"c{i}" for i in range(classes)],
+            "test": {"loss": 1 - accuracy, "accuracy": accuracy, "macro": f1, "weighted": f1,
+                     "per_class": {"precision": [accuracy] * classes, "recall": [accuracy] * classes,
+                                   "f1": [accuracy] * classes, "support": support},
+                     "confusion_matrix": cm},
+            "best_epoch": 2, "epochs_run": 2, "stopped_early": False,
+            "parameters": {"total": 100, "trainable": 100, "frozen": 0}, "seconds": 1.0}
+
+
+def _run(name: str, accuracy: float, seed: int = 0, permuted: bool = False,
+         metrics: list[dict] | None = None) -> RunData:
+    config = {"name": name, "seed": seed, "data": {"dataset": "idx", "permute_pixels": {"seed": 0} if permuted
+                                                   else None}, "model": {"name": "mlp"}, "train": {"epochs": 2}}
+    metrics = metrics or [{"epoch": e, "train_loss": 1.0 / e, "train_accuracy": 0.5 + 0.1 * e,
+                           "val_loss": 1.1 / e, "val_accuracy": 0.5 + 0.1 * e} for e in (1, 2)]
+    return RunData(name, Path(name), _summary(name, accuracy, seed), config, metrics, None, None, None, None)
+
+
+def _notes(runs: list[RunData]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for note in sanity_notes(compare_runs([r.summary for r in runs]), runs):
+        out.setdefault(note.kind, []).append(note.subject)
+    return out
+
+
+def test_sanity_near_chance_and_val_above_train():
+    lazy = [{"epoch": 1, "train_loss": 2.0, "train_accuracy": 0.30, "val_loss": 1.0, "val_accuracy": 0.62}]
+    notes = _notes([_run("good", 0.9), _run("guessing", 0.27), _run("odd", 0.6, metrics=lazy)])
+    assert notes["near_chance"] == ["guessing"]
+    assert notes["val_above_train"] == ["odd"]
+    assert "permuted_beats_original" not in notes
+
+
+def test_sanity_permuted_beating_original_beyond_noise():
+    # one seed each: test-set sampling noise on 400 images is about ±6 points for this gap
+    assert "permuted_beats_original" not in _notes([_run("original", 0.80), _run("permuted", 0.82, permuted=True)])
+    assert _notes([_run("original", 0.70), _run("permuted", 0.85, permuted=True)])["permuted_beats_original"] == \
+        ["permuted"]
+    # several seeds: the seed noise decides
+    tight = [_run(f"original-seed{s}", 0.70 + 0.002 * s, s) for s in range(3)]
+    tight += [_run(f"permuted-seed{s}", 0.74 + 0.002 * s, s, permuted=True) for s in range(3)]
+    assert _notes(tight)["permuted_beats_original"] == ["permuted"]
+    noisy = [_run(f"original-seed{s}", a, s) for s, a in enumerate((0.6, 0.8, 0.7))]
+    noisy += [_run(f"permuted-seed{s}", a, s, permuted=True) for s, a in enumerate((0.65, 0.85, 0.72))]
+    assert "permuted_beats_original" not in _notes(noisy)
+
+
+def test_comparison_marks_runs_within_seed_noise():
+    runs = [_run(f"a-seed{s}", acc, s) for s, acc in enumerate((0.80, 0.84, 0.82))]
+    runs += [_run(f"b-seed{s}", acc, s) for s, acc in enumerate((0.81, 0.83, 0.82))]
+    runs += [_run(f"c-seed{s}", acc, s) for s, acc in enumerate((0.50, 0.51, 0.52))]
+    rows = {r["variant"]: r for r in comparison_rows(compare_runs([r.summary for r in runs]), {})}
+    assert rows["a"]["within_noise"] == ["b"] and rows["b"]["within_noise"] == ["a"]
+    assert rows["c"]["within_noise"] == [] and rows["a"]["ci"].startswith("[")
+    assert "±" in rows["a"]["accuracy"] and rows["a"]["best"] and not rows["c"]["best"]
+
+
+def test_context_of_two_seeded_runs():
+    runs = [_run(f"a-seed{s}", acc, s) for s, acc in enumerate((0.80, 0.84))]
+    context, figures = build_context("s", runs, [])
+    assert context["multi_seed"] and [r["name"] for r in context["runs"]] == ["a-seed0", "a-seed1"]
+    assert len(figures) == 1 + 2 * len(runs)  # overlay + curves and confusion per run (no predictions stored)
+    assert len({f.key for f in figures}) == len(figures)
+
+
+def test_confused_pairs_and_curves_with_early_stop():
+    pairs = confused_pairs([[5, 3, 0], [0, 6, 1], [2, 0, 4]], ["x", "y", "z"])
+    assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [("x", "y", 3), ("z", "x", 2), ("y", "z", 1)]
+    metrics = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": 0.1 * e, "val_loss": 1 / e,
+                "val_accuracy": 0.1 * e} for e in range(1, 5)]
+    plot = learning_curves(metrics, 2, True, 10, "k", "a $run with $ signs")
+    assert plot.png[:4] == b"\x89PNG"
+
+
+def test_report_from_folders_with_a_failed_run(tmp_path):
+    """Run folders written by hand (as an older or partial run): missing pieces say so, failures are listed."""
+    folder = tmp_path / "study"
+    run = folder / "one"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps(_summary("one", 0.9)))
+    (run / "config.yaml").write_text(yaml.safe_dump(_run("one", 0.9).config))
+    (folder / "broken").mkdir()
+    (folder / "broken" / "failed.json").write_text(json.dumps({"reason": "loss became nan at epoch 3"}))
+    html_path, md_path = make_report(folder)
+    html = html_path.read_text()
+    assert "No metrics.jsonl" in html and "No model summary" in html and "loss became nan at epoch 3" in html
+    assert "Failed runs" in md_path.read_text()
