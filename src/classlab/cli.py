@@ -73,7 +73,11 @@ def _make_report(folder: Path) -> None:
         from classlab.report import make_report
     except ImportError:
         return
-    paths = make_report(folder)
+    try:
+        paths = make_report(folder)
+    except ClasslabError as e:  # training succeeded; a report problem must not hide that
+        sys.stderr.write(f"warning: report not written: {one_line(e)}; re-make it with classlab report {folder}\n")
+        return
     console.print(f"report: {paths[0]}")
 
 

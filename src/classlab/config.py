@@ -354,6 +354,13 @@ class StudyConfig(Strict):
             raise ValueError("retrain_on needs select: {metric: val_accuracy} to choose what to retrain")
         return self
 
+    @field_validator("name")
+    @classmethod
+    def _folder_safe_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or not all(c.isalnum() or c in "-_." for c in v) or v.startswith(".")):
+            raise ValueError(f"study name '{v}' may only hold letters, digits, '-', '_' and '.' (it names a folder)")
+        return v
+
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, v: list[int]) -> list[int]:
