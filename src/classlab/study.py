@@ -19,6 +19,7 @@ from classlab.errors import ClasslabError, RunFailed
 from classlab.evaluate import classification_report
 from classlab.models import build_model
 from classlab.models.summary import layer_table_text, model_table, parameter_count
+from classlab.photo import input_stats
 from classlab.runs import RunFolder, atomic_torch_save, atomic_write_bytes
 from classlab.train.loop import evaluate_split, fit, resolve_device
 from classlab.train.progress import EpochProgress
@@ -163,6 +164,7 @@ def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: 
     pre = preprocess_for(cfg, data)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(data.classes), pre.input_shape).to(device)
+    folder.write_json("input_stats.json", input_stats(data.train.images.numpy()))
     params = parameter_count(model)
     table, rows = model_table(model, pre.input_shape, cfg.train.lr_groups, cfg.train.lr)
     folder.write_config(run_config_dict(cfg))

@@ -1,0 +1,404 @@
+"""Predict on a user's own images with exactly the preprocessing the run was evaluated with.
+
+The run folder holds everything needed: config.yaml (which model), preprocessing.json (stored image
+shape, normalization, pixel permutation, class names), checkpoints/best.pt (weights, loaded with
+weights_only=True) and, when the run wrote it, input_stats.json (training brightness, for the input
+check). `classlab.photo` turns each file into what a dataset image is (uint8 C×H×W); from there the
+run's own BatchTransform and `predict_logits` apply, the same code its test evaluation used.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from classlab.config import RunConfig, validate
+from classlab.data.folder import IMAGE_EXTENSIONS
+from classlab.errors import ClasslabError, one_line
+from classlab.models import build_model
+from classlab.photo import (
+    PLAIN,
+    WORK_SIDE,
+    PhotoError,
+    PhotoOptions,
+    Prepared,
+    check_input,
+    fallback_stats,
+    margin_from_fill,
+    prepare,
+    read_photo,
+)
+from classlab.runs import RunFolder, atomic_write_bytes, safe_torch_load
+from classlab.train.loop import predict_logits, resolve_device
+from classlab.transforms import BatchTransform, Preprocess
+
+# Datasets whose images are light objects on black, centred and filling the frame: photos get prepared.
+MNIST_STYLE = ("mnist", "fashion-mnist", "demo", "idx")
+# Crop margin per dataset when the run has no input_stats.json: MNIST digits are 20 px in a 28 px frame
+# ((28 / 20 - 1) / 2 = 0.2); Fashion-MNIST products fill the frame on their long side.
+DEFAULT_MARGIN = {"mnist": 0.2, "fashion-mnist": 0.0, "demo": 0.0}
+OTHER_MARGIN = 0.1
+BATCH = 256
+THUMBNAIL = 512
+
+
+@dataclass
+class LoadedRun:
+    """A finished (or interrupted) run, ready to predict: model on its device, preprocessing, stats."""
+
+    path: Path
+    config: RunConfig
+    pre: Preprocess
+    model: nn.Module
+    device: torch.device
+    stats: dict
+    stats_source: str
+    checkpoint: str
+    finished: bool
+
+    @property
+    def stored_shape(self) -> tuple[int, int, int]:
+        """C×H×W of the run's uint8 images, before any gray->RGB or resize of its BatchTransform."""
+        return tuple(getattr(self.pre, "stored_shape", None) or self.pre.input_shape)  # type: ignore[return-value]
+
+    @property
+    def mnist_style(self) -> bool:
+        return self.config.data.dataset in MNIST_STYLE and self.stored_shape[0] == 1
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.pre.classes
+
+
+@dataclass
+class Prediction:
+    path: Path
+    probs: np.ndarray
+    prepared: Prepared
+    warnings: list[str]
+
+    def top(self, k: int, classes: tuple[str, ...]) -> list[tuple[str, int, float]]:
+        order = np.argsort(-self.probs, kind="stable")[:k]
+        return [(classes[i], int(i), float(self.probs[i])) for i in order]
+
+
+@dataclass
+class Failure:
+    path: Path
+    message: str
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_run(path: str | Path, device: str = "auto") -> LoadedRun:
+    """Read a run folder and rebuild its model from the best checkpoint (weights only)."""
+    folder = RunFolder(path)
+    if not folder.path.is_dir():
+        raise ClasslabError(f"{folder.path}: no such run folder")
+    cfg = validate(RunConfig, folder.read_config(), where=str(folder.config_path))
+    try:
+        pre = Preprocess.from_dict(folder.read_json("preprocessing.json"))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ClasslabError(f"{folder.path / 'preprocessing.json'}: not a classlab preprocessing file") from None
+    state, checkpoint = _weights(folder)
+    model_cfg = cfg.model
+    if getattr(model_cfg, "pretrained", "none") != "none":  # the checkpoint holds every weight
+        model_cfg = model_cfg.model_copy(update={"pretrained": "none"})
+    model = build_model(model_cfg, len(pre.classes), tuple(pre.input_shape))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ClasslabError(f"{checkpoint}: weights do not fit the run's model ({one_line(e)[:200]})") from None
+    dev = resolve_device(device)
+    stats, source = _stats(folder, pre, cfg.data.dataset in MNIST_STYLE)
+    return LoadedRun(folder.path, cfg, pre, model.to(dev).eval(), dev, stats, source, str(checkpoint),
+                     folder.is_complete)
+
+
+def _weights(folder: RunFolder) -> tuple[dict, Path]:
+    """best.pt's weights (last.pt's when an interrupted run has no best yet), module. prefixes removed."""
+    path = folder.best_path if folder.best_path.is_file() else folder.last_path
+    if not path.is_file():
+        raise ClasslabError(f"{folder.path}: no checkpoints/best.pt; has the run trained an epoch yet?")
+    ckpt = safe_torch_load(path)
+    state = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ClasslabError(f"{path}: not a classlab checkpoint (no 'model' weights)")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}, path
+
+
+def _stats(folder: RunFolder, pre: Preprocess, dark_background: bool) -> tuple[dict, str]:
+    """input_stats.json when the run stored it, else bounds derived from the normalization."""
+    path = folder.path / "input_stats.json"
+    if path.is_file():
+        try:
+            stats = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(stats, dict) and "image_mean_range" in stats:
+                return stats, path.name
+        except (OSError, json.JSONDecodeError):
+            pass
+    return fallback_stats(pre.mean, pre.std, dark_background), "preprocessing.json"
+
+
+def photo_options(run: LoadedRun, prepare_photo: bool | None = None, grayscale: bool | None = None,
+                  invert: str | None = None, background: bool | None = None, crop: bool | None = None,
+                  margin: float | None = None) -> PhotoOptions:
+    """The run's defaults (photo preparation for MNIST-style runs, the loader's plain path otherwise),
+    with any step switched by the caller."""
+    on = run.mnist_style if prepare_photo is None else prepare_photo
+    base = PhotoOptions(margin=_default_margin(run)) if on else PLAIN
+    if not on and run.stored_shape[0] == 1:
+        base = dataclasses.replace(base, grayscale=True)
+    changes = {k: v for k, v in {"grayscale": grayscale, "invert": invert, "background": background,
+                                  "crop": crop, "margin": margin}.items() if v is not None}
+    if invert is not None and invert not in ("auto", "yes", "no"):
+        raise ClasslabError(f"--invert '{invert}': choose auto, yes or no")
+    if margin is not None and not 0 <= margin <= 2:
+        raise ClasslabError(f"--margin {margin}: choose a fraction of the object's size between 0 and 2")
+    if grayscale is False and run.stored_shape[0] == 1:
+        raise ClasslabError("--no-grayscale: this run's model takes one gray channel")
+    options = dataclasses.replace(base, **changes)
+    if options.crop and options.max_side is None:  # cropping works on floats: bound the working size
+        options = dataclasses.replace(options, max_side=WORK_SIDE)
+    return options
+
+
+def _default_margin(run: LoadedRun) -> float:
+    fitted = margin_from_fill(run.stats.get("object_fill"))
+    if fitted is not None:
+        return fitted
+    return DEFAULT_MARGIN.get(run.config.data.dataset, OTHER_MARGIN)
+
+
+# ----------------------------------------------------------------------------- predicting
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> list[Path | Failure]:
+    """Files as given (any extension); folders as their image files, sorted, not recursing."""
+    items: list[Path | Failure] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir()
+                           if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+            items.extend(files or [Failure(path, f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")])
+        elif path.exists():
+            items.append(path)
+        else:
+            items.append(Failure(path, "file not found"))
+    return items
+
+
+def model_input(run: LoadedRun, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """The float tensor the model sees for uint8 N×C×H×W images: the run's own BatchTransform."""
+    return _transform(run, normalize)(images.to(run.device))
+
+
+def _transform(run: LoadedRun, normalize: bool) -> BatchTransform:
+    pre = run.pre
+    if not normalize:  # diagnostic: what the model would make of unnormalized input
+        pre = dataclasses.replace(pre, mean=(0.0,) * len(pre.mean), std=(1.0,) * len(pre.std))
+    return BatchTransform(pre, None, run.device)
+
+
+def predict_images(run: LoadedRun, images: np.ndarray, normalize: bool = True) -> np.ndarray:
+    """Class probabilities for prepared uint8 N×C×H×W images, through the evaluation code path."""
+    batch = torch.from_numpy(np.ascontiguousarray(images))
+    logits = predict_logits(run.model, batch, _transform(run, normalize), BATCH, run.device, run.config.train.amp)
+    return logits.softmax(1).cpu().numpy()
+
+
+def predict_paths(run: LoadedRun, items: Iterable[Path | Failure], options: PhotoOptions, normalize: bool = True,
+                  keep_original: bool = False) -> Iterator[Prediction | Failure]:
+    """Prepare and predict file by file (in batches), yielding results in input order; a bad file is a Failure."""
+    chunk: list[Path | Failure] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == BATCH:
+            yield from _predict_chunk(run, chunk, options, normalize, keep_original)
+            chunk = []
+    yield from _predict_chunk(run, chunk, options, normalize, keep_original)
+
+
+def _predict_chunk(run: LoadedRun, chunk: list[Path | Failure], options: PhotoOptions, normalize: bool,
+                   keep_original: bool) -> list[Prediction | Failure]:
+    prepared: dict[int, Prepared] = {}
+    results: list[Prediction | Failure | None] = []
+    for i, item in enumerate(chunk):
+        if isinstance(item, Failure):
+            results.append(item)
+            continue
+        try:
+            prepared[i] = prepare_file(item, run.stored_shape, options, keep_original)
+            results.append(None)
+        except PhotoError as e:
+            results.append(Failure(item, str(e)))
+    if prepared:
+        probs = predict_images(run, np.stack([p.image for p in prepared.values()]), normalize)
+        for (i, prep), p in zip(prepared.items(), probs, strict=True):
+            results[i] = Prediction(chunk[i], p, prep, check_input(prep.image, run.stats))  # type: ignore[arg-type]
+    return results  # type: ignore[return-value]
+
+
+def prepare_file(path: Path, shape: tuple[int, int, int], options: PhotoOptions,
+                 keep_original: bool = False) -> Prepared:
+    """Decode and prepare one file; PhotoError when it cannot be used."""
+    img = read_photo(path, options)
+    prepared = prepare(img, shape, options)
+    if keep_original:
+        thumb = img.convert("RGB")
+        thumb.thumbnail((THUMBNAIL, THUMBNAIL))
+        prepared.original = thumb
+    return prepared
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def result_dict(result: Prediction | Failure, classes: tuple[str, ...], top_k: int) -> dict:
+    if isinstance(result, Failure):
+        return {"file": str(result.path), "error": result.message}
+    return {
+        "file": str(result.path),
+        "top": [{"class": c, "index": i, "probability": round(p, 6)} for c, i, p in result.top(top_k, classes)],
+        "preparation": result.prepared.steps,
+        "warnings": result.warnings,
+    }
+
+
+def write_csv(path: Path, results: list[Prediction | Failure], classes: tuple[str, ...], top_k: int) -> None:
+    """One row per (image, rank); a failed image is one row with its error."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["file", "rank", "class", "index", "probability", "error"])
+    for r in results:
+        if isinstance(r, Failure):
+            writer.writerow([str(r.path), "", "", "", "", r.message])
+            continue
+        for rank, (c, i, p) in enumerate(r.top(top_k, classes), start=1):
+            writer.writerow([str(r.path), rank, c, i, f"{p:.6f}", ""])
+    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
+
+
+def figure_paths(show: Path, items: list[Path | Failure]) -> list[Path | None]:
+    """FILE.png for a single image; FILE-<image name>.png (numbered on a clash) for several."""
+    files = [i for i in items if not isinstance(i, Failure)]
+    if len(files) == 1:
+        return [None if isinstance(i, Failure) else show for i in items]
+    suffix = show.suffix or ".png"
+    paths: list[Path | None] = []
+    seen: set[Path] = set()
+    for item in items:
+        if isinstance(item, Failure):
+            paths.append(None)
+            continue
+        candidate, n = show.with_name(f"{show.stem}-{item.stem}{suffix}"), 2
+        while candidate in seen:
+            candidate, n = show.with_name(f"{show.stem}-{item.stem}-{n}{suffix}"), n + 1
+        seen.add(candidate)
+        paths.append(candidate)
+    return paths
+
+
+def _text(s: str) -> str:
+    """Matplotlib reads $...$ as math; a file or class name is shown as it is."""
+    return s.replace("$", r"\$")
+
+
+def save_figure(path: Path, result: Prediction, classes: tuple[str, ...], top_k: int) -> None:
+    """Original, prepared input and probability bars side by side, like study E's figures."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_orig, ax_prep, ax_bar = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.5]})
+    if result.prepared.original is not None:
+        ax_orig.imshow(np.asarray(result.prepared.original))
+    ax_orig.set_title("original")
+    img = result.prepared.image
+    shown = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+    ax_prep.imshow(shown, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    steps = result.prepared.steps
+    done = [name for name, on in (("gray", steps.get("grayscale")), ("inverted", steps.get("inverted")),
+                                  ("cropped", steps.get("box") is not None)) if on]
+    ax_prep.set_title(f"prepared {img.shape[1]}×{img.shape[2]}" + (f"\n{', '.join(done)}" if done else ""))
+    for ax in (ax_orig, ax_prep):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    n = len(classes) if len(classes) <= 15 else top_k
+    order = np.argsort(-result.probs, kind="stable")[:n][::-1]
+    colours = ["tab:blue"] * (len(order) - 1) + ["tab:orange"]
+    bars = ax_bar.barh([_text(classes[i]) for i in order], result.probs[order], color=colours)
+    ax_bar.bar_label(bars, labels=[f"{p:.1%}" for p in result.probs[order]], padding=2, fontsize=8)
+    ax_bar.set_xlim(0, 1.15)
+    ax_bar.set_xlabel("probability")
+    best = int(order[-1])
+    fig.suptitle(_text(f"{result.path.name}: {classes[best]} ({result.probs[best]:.1%})"))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def print_table(console, result: Prediction, classes: tuple[str, ...], top_k: int) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(str(result.path)), title_justify="left")
+    for col in ("#", "class", "probability"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for rank, (c, _, p) in enumerate(result.top(top_k, classes), start=1):
+        table.add_row(str(rank), escape(c), f"{p:.1%}")
+    console.print(table)
+
+
+def run_predict(run_path: str | Path, inputs: list[str | Path], top_k: int = 3, as_json: bool = False,
+                csv_path: Path | None = None, show: Path | None = None, device: str = "auto",
+                normalize: bool = True, console=None, err=None, **steps) -> int:
+    """`classlab predict`: a table (or JSON) per image, optional CSV and figures; returns the exit code
+    (1 when any image failed, each failure one line on `err`)."""
+    import sys
+
+    from rich.console import Console
+
+    console = console or Console()
+    err = err or sys.stderr
+    if top_k < 1:
+        raise ClasslabError(f"--top-k {top_k}: choose 1 or more")
+    if not inputs:
+        raise ClasslabError("no images given: classlab predict RUN IMAGE_OR_FOLDER...")
+    run = load_run(run_path, device)
+    options = photo_options(run, **steps)
+    items = expand_inputs(inputs)
+    figures = figure_paths(show, items) if show is not None else [None] * len(items)
+    if not run.finished:
+        err.write(f"note: {run.path} has not finished training; using {run.checkpoint}\n")
+    results: list[Prediction | Failure] = []
+    for result, figure in zip(predict_paths(run, items, options, normalize, keep_original=show is not None),
+                              figures, strict=True):
+        results.append(result)
+        if isinstance(result, Failure):
+            err.write(f"{result.path}: {one_line(result.message)}\n")
+            continue
+        for warning in result.warnings:
+            err.write(f"{result.path}: warning: {warning}\n")
+        if not as_json:
+            print_table(console, result, run.classes, top_k)
+        if figure is not None:
+            save_figure(figure, result, run.classes, top_k)
+            result.prepared.original = None
+    if as_json:
+        sys.stdout.write(json.dumps([result_dict(r, run.classes, top_k) for r in results], indent=2) + "\n")
+    if csv_path is not None:
+        write_csv(csv_path, results, run.classes, top_k)
+    return 1 if any(isinstance(r, Failure) for r in results) else 0
