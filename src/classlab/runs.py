@@ -28,21 +28,33 @@ import yaml
 from classlab import RUN_FORMAT_VERSION, __version__
 from classlab.errors import ClasslabError
 
+# What checkpoints/last.pt holds (see train/checkpoint.py and train/loop.py).
+LAST_KEYS = ("epoch", "model", "optimizer", "scheduler", "stopper", "rng", "history")
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: a reader sees the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Temp file in the same folder, fsync, rename: a reader sees the old file or the new, never half.
+    Any OSError (disk full, no permission, a file where a folder should be) is one ClasslabError naming
+    `path`; whatever stops the write, the temp file is removed."""
+    path = Path(path)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise ClasslabError(f"cannot write {path}: {e.strerror or e}; free space or choose another out_dir") from None
-    try:
+    except BaseException as e:  # disk full, permissions, Ctrl-C mid-write: never leave the temp file behind
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise ClasslabError(
+                f"cannot write {path}: {e.strerror or e}; free space or choose another out_dir"
+            ) from None
+        raise
+    try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -107,14 +119,32 @@ class RunFolder:
 
     def prepare(self, restart: bool = False) -> None:
         if restart and self.path.exists():
-            shutil.rmtree(self.path)
+            try:
+                shutil.rmtree(self.path)
+            except OSError as e:
+                raise ClasslabError(f"--restart: cannot remove {self.path}: {e.strerror or e}") from None
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ClasslabError(f"cannot create run folder {self.path}: {e.strerror}; choose another out_dir") from None
         if not os.access(self.path, os.W_OK):
             raise ClasslabError(f"run folder {self.path} is not writable; choose another out_dir")
+        if not restart:  # never overwrite a folder a newer classlab wrote, even an unfinished one
+            self.check_format()
         self.failed_path.unlink(missing_ok=True)
+        for folder in (self.path, self.path / "checkpoints"):  # temp files of writes a kill cut short
+            for stale in folder.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+
+    def check_format(self) -> None:
+        """Refuse a folder whose config.yaml or summary.json comes from a newer run format."""
+        for path in (self.config_path, self.summary_path):
+            try:
+                doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                continue  # absent or unreadable: it is rewritten before anything trusts it
+            if isinstance(doc, dict):
+                check_format(doc, path)
 
     def write_config(self, config: dict) -> None:
         doc = {"classlab_version": __version__, "format": RUN_FORMAT_VERSION, **config}
@@ -138,7 +168,14 @@ class RunFolder:
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(self.metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ClasslabError(f"{self.metrics_path}: line {number} is not valid JSON") from None
+        return rows
 
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_json(self.path / name, obj)
@@ -149,7 +186,7 @@ class RunFolder:
             return json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ClasslabError(f"{path}: missing; is {self.path} a finished classlab run?") from None
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise ClasslabError(f"{path}: not valid JSON") from None
 
     def write_summary(self, summary: dict) -> None:
@@ -160,6 +197,20 @@ class RunFolder:
         summary = self.read_json("summary.json")
         check_format(summary, self.summary_path)
         return summary
+
+    def read_last(self) -> dict:
+        """checkpoints/last.pt, the full training state to resume from (loaded with weights_only=True)."""
+        hint = "; run with --restart to start this run over"
+        try:
+            state = safe_torch_load(self.last_path)
+        except ClasslabError as e:
+            raise ClasslabError(f"{e}{hint}") from None
+        missing = [k for k in LAST_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ClasslabError(f"{self.last_path}: not a classlab training checkpoint (no '{missing[0]}'){hint}")
+        if not isinstance(state["epoch"], int) or state["epoch"] < 1:
+            raise ClasslabError(f"{self.last_path}: bad epoch {state['epoch']!r}{hint}")
+        return state
 
     def mark_failed(self, reason: str) -> None:
         atomic_write_json(self.failed_path, {"reason": reason})

@@ -79,6 +79,8 @@ def _read_idx_folder(folder: Path, classes: list[str] | None) -> RawData:
     if key not in _CACHE:
         train = read_idx_pair(paths["train-images"], paths["train-labels"])
         test = read_idx_pair(paths["t10k-images"], paths["t10k-labels"])
+        if min(int(train[1].min()), int(test[1].min())) < 0:
+            raise ClasslabError(f"{folder}: negative class labels in the IDX label files")
         n = int(max(train[1].max(), test[1].max())) + 1
         names = classes if classes is not None else [str(i) for i in range(n)]
         if n > len(names):

@@ -20,23 +20,36 @@ def read_fer_csv(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         raise ClasslabError(f"{path}: FER-2013 csv not found; set data.root to fer2013.csv or its folder")
     pixels: dict[str, list[np.ndarray]] = {s: [] for s in USAGE_TO_SPLIT.values()}
     labels: dict[str, list[int]] = {s: [] for s in USAGE_TO_SPLIT.values()}
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        need = {"emotion", "pixels", "Usage"}
-        if reader.fieldnames is None or not need <= set(reader.fieldnames):
-            raise ClasslabError(f"{path}: expected columns emotion, pixels, Usage; found {reader.fieldnames}")
-        for line, row in enumerate(reader, start=2):
-            split = USAGE_TO_SPLIT.get(row["Usage"])
-            if split is None:
-                raise ClasslabError(f"{path}: line {line}: unknown Usage '{row['Usage']}'")
-            values = np.array(row["pixels"].split(), dtype=np.uint8)
-            if values.size != 48 * 48:
-                raise ClasslabError(f"{path}: line {line}: {values.size} pixels, expected 2304 (48×48)")
-            label = int(row["emotion"])
-            if not 0 <= label < len(FER_CLASSES):
-                raise ClasslabError(f"{path}: line {line}: emotion {label} outside 0–6")
-            pixels[split].append(values.reshape(1, 48, 48))
-            labels[split].append(label)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            need = {"emotion", "pixels", "Usage"}
+            if reader.fieldnames is None or not need <= set(reader.fieldnames):
+                raise ClasslabError(f"{path}: expected columns emotion, pixels, Usage; found {reader.fieldnames}")
+            for line, row in enumerate(reader, start=2):
+                split = USAGE_TO_SPLIT.get(row["Usage"])
+                if split is None:
+                    raise ClasslabError(f"{path}: line {line}: unknown Usage '{row['Usage']}'")
+                try:
+                    values = np.array((row["pixels"] or "").split(), dtype=np.uint8)
+                except (ValueError, OverflowError):
+                    raise ClasslabError(f"{path}: line {line}: pixels must be whole numbers 0–255") from None
+                if values.size != 48 * 48:
+                    raise ClasslabError(f"{path}: line {line}: {values.size} pixels, expected 2304 (48×48)")
+                try:
+                    label = int(row["emotion"] or "")
+                except ValueError:
+                    raise ClasslabError(
+                        f"{path}: line {line}: emotion '{row['emotion']}' is not a number 0–6"
+                    ) from None
+                if not 0 <= label < len(FER_CLASSES):
+                    raise ClasslabError(f"{path}: line {line}: emotion {label} outside 0–6")
+                pixels[split].append(values.reshape(1, 48, 48))
+                labels[split].append(label)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ClasslabError(
+            f"{path}: not a readable CSV file ({type(e).__name__}); expected Kaggle's fer2013.csv"
+        ) from None
     out = {}
     for split in pixels:
         if pixels[split]:

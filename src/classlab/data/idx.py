@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from classlab.errors import ClasslabError
+from classlab.runs import atomic_write_bytes
 
 # file stem -> (split, kind); both the usual '-idx3-ubyte' and the '.idx3-ubyte' spellings are found.
 IDX_FILES = {
@@ -97,4 +98,4 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
     array = np.ascontiguousarray(array, dtype=np.uint8)
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     payload = header + array.tobytes()
-    path.write_bytes(gzip.compress(payload, compresslevel=9, mtime=0) if compress else payload)
+    atomic_write_bytes(Path(path), gzip.compress(payload, compresslevel=9, mtime=0) if compress else payload)

@@ -11,6 +11,7 @@ from classlab.errors import ClasslabError
 from classlab.models.cnn import CNN
 from classlab.models.freeze import freeze_all_but
 from classlab.models.weights import imagenet_weights_file, load_state_dict_from
+from classlab.runs import safe_torch_load
 
 
 def _head(cfg: ResNetConfig, in_features: int, num_classes: int) -> nn.Module:
@@ -22,6 +23,8 @@ def _head(cfg: ResNetConfig, in_features: int, num_classes: int) -> nn.Module:
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load every non-head weight; a missing key, extra key or shape mismatch names the first offender."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ClasslabError(f"{origin}: holds no state dict of tensors (not a weights file)")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     for key, value in own.items():
@@ -49,7 +52,7 @@ def build_resnet18(cfg: ResNetConfig, num_classes: int, in_shape: tuple[int, int
     source = cfg.pretrained
     if source == "imagenet":
         path = imagenet_weights_file("resnet18")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(path)  # weights_only=True; a broken or code-carrying file is one clear line
         load_backbone(model, state, str(path))
     elif source != "none":
         state, origin = load_state_dict_from(source)

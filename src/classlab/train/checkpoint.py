@@ -17,7 +17,7 @@ def rng_state(order_gen: torch.Generator, aug_gen: torch.Generator) -> dict[str,
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
         "order": order_gen.get_state(),
         "augment": aug_gen.get_state(),
     }
@@ -30,7 +30,8 @@ def set_rng_state(state: dict[str, Any], order_gen: torch.Generator, aug_gen: to
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    random.setstate((state["python"]["version"], tuple(state["python"]["state"]), None))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py.get("gauss_next")))
     order_gen.set_state(state["order"])
     aug_gen.set_state(state["augment"])
     if "cuda" in state and torch.cuda.is_available():
