@@ -374,7 +374,7 @@ class StudyConfig(Strict):
         if v is None:
             return v
         if not v:
-            raise ValueError("runs: is empty; list at least one run, or remove the key")
+            raise ValueError("is empty; list at least one run, or remove the key")
         names = []
         for i, run in enumerate(v):
             name = run.get("name")
@@ -394,7 +394,7 @@ class StudyConfig(Strict):
         if v is None:
             return v
         if not v:
-            raise ValueError("grid: is empty")
+            raise ValueError("is empty; give each grid key a list of values, or remove grid")
         for key, values in v.items():
             if key.split(".")[0] not in ("data", "model", "train"):
                 raise ValueError(f"grid key '{key}' must start with data., model. or train.")
@@ -591,6 +591,6 @@ def load_study(
         if key.split(".")[0] not in ("data", "model", "train"):
             set_dotted(raw, key, value)
     if "name" not in raw or raw.get("name") is None:
-        raw["name"] = path.stem
+        raw["name"] = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.stem).lstrip(".") or "study"
     study = validate(StudyConfig, raw, where=str(path))
     return study, [(k, v) for k, v in parsed if k.split(".")[0] in ("data", "model", "train")]

@@ -32,6 +32,10 @@ from classlab.errors import ClasslabError
 LAST_KEYS = ("epoch", "model", "optimizer", "scheduler", "stopper", "rng", "history")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Temp file in the same folder, fsync, rename: a reader sees the old file or the new, never half.
     Any OSError (disk full, no permission, a file where a folder should be) is one ClasslabError naming
@@ -41,6 +45,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a report or run file should read like any other
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

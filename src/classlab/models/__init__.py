@@ -8,7 +8,6 @@ from classlab.config import CNNConfig, MLPConfig, PresetConfig, ResNetConfig
 from classlab.models.cnn import CNN
 from classlab.models.mlp import MLP
 from classlab.models.presets import CNN_PRESETS
-from classlab.models.resnet import build_resnet18
 from classlab.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
@@ -35,6 +34,8 @@ def _study_d(cfg: PresetConfig, num_classes: int, in_shape: tuple[int, int, int]
 
 @MODELS.register("resnet18")
 def _resnet18(cfg: ResNetConfig, num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module:
+    from classlab.models.resnet import build_resnet18  # torchvision only when a ResNet is asked for
+
     return build_resnet18(cfg, num_classes, in_shape)
 
 
