@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -13,6 +16,9 @@ from rich.table import Table
 
 from classlab import __version__
 from classlab.errors import ClasslabError, one_line
+
+if TYPE_CHECKING:
+    from classlab.study import StudyResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Image-classification studies from one YAML file.")
@@ -28,8 +34,10 @@ def print_comparison(summaries: list[dict], title: str) -> None:
 
     rows = compare_runs(summaries)
     table = Table(title=title)
-    for col in ("run", "seeds", "acc %", "loss", "macro F1", "params", "epochs", "sec"):
-        table.add_column(col, justify="left" if col == "run" else "right")
+    width = max((len(r.variant) for r in rows), default=3)
+    table.add_column("run", no_wrap=True, min_width=width)  # names must stay whole, even on 80 columns
+    for col in ("seeds", "acc %", "loss", "macro F1", "params", "epochs", "sec"):
+        table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r.variant, str(r.accuracy.n), r.accuracy.format(100), r.loss.format(1, 4),
                       r.macro_f1.format(1, 4), f"{r.parameters:,}", r.epochs.format(1, 1), r.seconds.format(1, 1))
@@ -42,21 +50,33 @@ def run(
     override: list[str] = typer.Option([], "-o", "--override", help="dotted override, e.g. train.epochs=3"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda (default: the study's train.device)"),
     restart: bool = typer.Option(False, "--restart", help="retrain runs from scratch, even finished ones"),
+    nproc: int = typer.Option(1, "--nproc", help="train each run data-parallel in N processes on this machine "
+                              "(one per GPU; starts torchrun)"),
+    shard: str | None = typer.Option(None, "--shard", help="I/N: train only the runs whose index mod N is I, "
+                                     "so N machines share one study folder"),
+    steal_locks: bool = typer.Option(False, "--steal-locks", help="take over run locks left by jobs on other "
+                                     "machines (only when those jobs are gone)"),
 ) -> None:
     """Train every run of a study, then print the comparison (and write the report)."""
-    from classlab.study import run_study
+    from classlab.study import parse_shard, run_study
 
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise ClasslabError(f"--device '{device}': choose auto, cpu or cuda")
     path = study or demo_study()
+    shard_at = parse_shard(shard) if shard is not None else None
+    flags = [*(x for o in override for x in ("-o", o)), *([f"--device={device}"] if device else []),
+             *([f"--shard={shard}"] if shard else []), *(["--steal-locks"] if steal_locks else [])]
+    if nproc != 1:
+        raise typer.Exit(_torchrun(nproc, path, [*flags, *(["--restart"] if restart else [])]))
     try:
-        result = run_study(path, override, device=device, restart=restart, console=console)
-        if result.summaries:
+        result = run_study(path, override, device=device, restart=restart, console=console, shard=shard_at,
+                           steal_locks=steal_locks)
+        if result.writer and result.summaries:
             print_comparison(result.summaries, f"{result.study.name}: test set")
-        _make_report(result.folder)
+        if result.writer:
+            _report_when_ready(result)
     except KeyboardInterrupt:
-        again = ["classlab", "run", *([str(study)] if study else []), *(x for o in override for x in ("-o", o)),
-                 *([f"--device={device}"] if device else [])]
+        again = ["classlab", "run", *([str(study)] if study else []), *flags]
         sys.stderr.write(
             "interrupted: every finished epoch is saved; resume with: "
             f"{shlex.join(again)} (add --restart to start over)\n"
@@ -66,6 +86,42 @@ def run(
         where = result.folder / "<run>" / "failed.json"
         sys.stderr.write(f"{len(result.failed)} run(s) failed: {', '.join(result.failed)}; reasons in {where}\n")
         raise typer.Exit(1)
+
+
+def _torchrun(nproc: int, path: Path, flags: list[str]) -> int:
+    """`classlab run --nproc N ...`: the same command again under PyTorch's torchrun, N processes on this
+    machine (`--standalone` picks a free rendezvous port); returns torchrun's exit code."""
+    from classlab.config import load_study
+    from classlab.study import expand
+
+    if nproc < 1:
+        raise ClasslabError(f"--nproc {nproc}: give at least 1 process")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ClasslabError("--nproc: this process was already started by torchrun; drop --nproc")
+    overrides = [flags[i + 1] for i, f in enumerate(flags) if f == "-o"]
+    cfg, cli = load_study(path, overrides)  # bad input: one line and exit code 2 here, not N times from torchrun
+    expand(cfg, cli, where=str(path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "classlab.cli", "run", str(path), *flags]
+    console.print(shlex.join(cmd), style="dim", markup=False, highlight=False)
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached torchrun and its workers too: let them save and exit
+            continue
+
+
+def _report_when_ready(result: StudyResult) -> None:
+    """The report covers the whole study folder: a shard writes it only once no run is left to any shard."""
+    if result.shard is not None and result.waiting:
+        console.print(f"{len(result.waiting)} run(s) of the study are left to other shards; when they are done: "
+                      f"classlab report {result.folder}", markup=False, highlight=False)
+        return
+    if result.busy:
+        console.print(f"{len(result.busy)} run(s) were being trained by other processes ({', '.join(result.busy)}); "
+                      f"when they are done: classlab report {result.folder}", markup=False, highlight=False)
+    _make_report(result.folder)
 
 
 def _make_report(folder: Path) -> None:
