@@ -77,11 +77,14 @@ def run(
             _report_when_ready(result)
     except KeyboardInterrupt:
         again = ["classlab", "run", *([str(study)] if study else []), *flags]
-        sys.stderr.write(
-            "interrupted: every finished epoch is saved; resume with: "
-            f"{shlex.join(again)} (add --restart to start over)\n"
-        )
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            sys.stderr.write(
+                "interrupted: every finished epoch is saved; resume with: "
+                f"{shlex.join(again)} (add --restart to start over)\n"
+            )
         raise typer.Exit(130) from None
+    if result.failed and not result.writer:
+        raise typer.Exit(1)
     if result.failed:
         where = result.folder / "<run>" / "failed.json"
         sys.stderr.write(f"{len(result.failed)} run(s) failed: {', '.join(result.failed)}; reasons in {where}\n")

@@ -9,16 +9,22 @@
         predictions.npz      test labels, predictions, probabilities, worst mistakes
         summary.json         written last: its presence is what marks the run complete
         failed.json          written instead when the run failed (non-finite loss, ...)
+        .lock                while a process trains the run: who (host, pid, since when); see RunLock
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +131,7 @@ class RunFolder:
     def prepare(self, restart: bool = False) -> None:
         if restart and self.path.exists():
             try:
-                shutil.rmtree(self.path)
+                _remove_all_but(self.path, LOCK_NAME)  # the lock is this process's claim on the run: keep it
             except OSError as e:
                 raise ClasslabError(f"--restart: cannot remove {self.path}: {e.strerror or e}") from None
         try:
@@ -238,3 +244,142 @@ def find_runs(root: str | Path) -> list[RunFolder]:
     if (root / "summary.json").is_file():
         return [RunFolder(root)]
     return [RunFolder(p.parent) for p in sorted(root.glob("*/summary.json"))]
+
+
+def _remove_all_but(folder: Path, keep: str) -> None:
+    for child in folder.iterdir():
+        if child.name == keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+# ----------------------------------------------------------------------------- run locks
+
+LOCK_NAME = ".lock"
+
+
+class RunLocked(Exception):
+    """The run is claimed by another process that is (or may be) alive."""
+
+    def __init__(self, path: Path, owner: dict) -> None:
+        self.path, self.owner = path, owner
+        super().__init__(describe_lock(path, owner))
+
+
+def describe_lock(path: Path, owner: dict) -> str:
+    if not owner:
+        return f"locked by an unreadable {path}; remove it if no job trains this run, or pass --steal-locks"
+    who = f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('started')}"
+    hint = "" if _alive_here(owner) else "; if that job is gone, pass --steal-locks"
+    return f"being trained by {who} (lock {path}){hint}"
+
+
+def read_lock(path: Path) -> dict | None:
+    """The lock's owner; None when there is no lock, {} when it cannot be read (e.g. half written)."""
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine; a zombie (exited, not yet reaped, e.g. a killed
+    torchrun worker whose parent is gone too) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    try:  # Linux: the state letter follows the parenthesised command name
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _alive_here(owner: dict) -> bool:
+    return owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) and _pid_alive(owner["pid"])
+
+
+def _dead_here(owner: dict) -> bool:
+    """Provably stale: written on this machine by a process that no longer exists."""
+    return owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
+        and not _pid_alive(owner["pid"])
+
+
+@dataclass(frozen=True)
+class RunLock:
+    """One process's claim on a run folder, so two processes (shards, machines, or two accidental
+    `classlab run`s) never train the same run: `<run>/.lock`, created atomically with
+    O_CREAT | O_EXCL (atomic on local file systems and on NFSv3+), holding host, pid, start time and a
+    random token.
+
+    Policy for a lock that is already there: a lock of a process on this machine that no longer
+    exists (killed, crashed) is taken over; a live process's lock is respected; a lock from another
+    machine cannot be checked from here, so it is respected unless `steal` is set (`--steal-locks`:
+    only when you know that job is gone, e.g. a cancelled SLURM job). Taking over moves the old lock
+    aside under a name of this process's own and checks it is the one judged stale, so two processes
+    taking over the same lock cannot both win."""
+
+    path: Path
+    owner: dict
+
+    @classmethod
+    def acquire(cls, run_dir: Path, steal: bool = False) -> RunLock:
+        """Claim `run_dir` (created if missing); raises RunLocked when another process holds it."""
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ClasslabError(f"cannot create run folder {run_dir}: {e.strerror}; choose another out_dir") from None
+        path = run_dir / LOCK_NAME
+        for _ in range(5):
+            owner = {"host": socket.gethostname(), "pid": os.getpid(),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": secrets.token_hex(8)}
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_UMASK)
+            except FileExistsError:
+                held = read_lock(path)
+                if held is None:
+                    continue  # released meanwhile: try again
+                if not (_dead_here(held) or (steal and not _alive_here(held))):
+                    raise RunLocked(path, held) from None
+                _move_aside(path, held)
+                continue
+            except OSError as e:
+                raise ClasslabError(f"cannot create lock {path}: {e.strerror}") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(owner, f)
+                f.flush()
+                os.fsync(f.fileno())
+            return cls(path, owner)
+        raise RunLocked(path, read_lock(path) or {})
+
+    def release(self) -> None:
+        """Remove the lock, if it is still this process's (never one that someone took over)."""
+        held = read_lock(self.path)
+        if held is not None and held.get("token") == self.owner["token"]:
+            self.path.unlink(missing_ok=True)
+
+
+def _move_aside(path: Path, judged: dict) -> None:
+    """Remove the stale lock `judged`; if what was moved is not it (it was taken over in between), put
+    that one back."""
+    aside = path.with_name(f"{LOCK_NAME}.stale-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    try:
+        if read_lock(aside) != judged:
+            with contextlib.suppress(FileExistsError):  # a newer lock appeared meanwhile: that one stands
+                os.link(aside, path)
+    finally:
+        aside.unlink(missing_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,9 @@ from classlab.evaluate import classification_report
 from classlab.models import build_model
 from classlab.models.summary import layer_table_text, model_table, parameter_count
 from classlab.photo import input_stats
-from classlab.runs import RunFolder, atomic_torch_save, atomic_write_bytes
-from classlab.train.loop import evaluate_split, fit, resolve_device
+from classlab.runs import RunFolder, RunLock, RunLocked, atomic_torch_save, atomic_write_bytes
+from classlab.train import distributed
+from classlab.train.loop import FitResult, evaluate_split, fit, resolve_device
 from classlab.train.progress import EpochProgress
 from classlab.transforms import BatchTransform, Preprocess, pixel_permutation
 
@@ -142,18 +143,30 @@ def _log_scalars(writer, row: dict) -> None:
     writer.flush()
 
 
-def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: Console,
-              restart: bool = False, on_epoch=None) -> dict:
-    """Train one run into its folder (resuming an interrupted one) and return its summary."""
+def _start_state(folder: RunFolder, cfg: RunConfig, restart: bool) -> tuple[dict | None, dict | None]:
+    """(the summary of a finished run to skip, or None; the training state to resume from, or None)."""
     if folder.is_complete and not restart:
         _check_same_config(folder, cfg)
-        console.print(f"[dim]{cfg.name}: already complete, skipped[/]")
-        return folder.read_summary()
-    resume = None
+        return folder.read_summary(), None
     if not restart and folder.last_path.is_file() and folder.config_path.is_file():
         _check_same_config(folder, cfg)
-        resume = folder.read_last()
-    folder.prepare(restart=restart and not resume)
+        return None, folder.read_last()
+    return None, None
+
+
+def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: Console,
+              restart: bool = False, on_epoch=None) -> dict:
+    """Train one run into its folder (resuming an interrupted one) and return its summary.
+
+    Under torch.distributed every rank calls this together: rank 0 alone reads and writes the folder
+    (the other ranks never create it) and hands them what they need: skip or resume, the summary."""
+    main = distributed.is_main()
+    done, resume = distributed.decided_by_main(lambda: _start_state(folder, cfg, restart))
+    if done is not None:
+        console.print(f"[dim]{cfg.name}: already complete, skipped[/]")
+        return done
+    if main:
+        folder.prepare(restart=restart and not resume)
     data = load_dataset(cfg.data)
     if cfg.train.batch_size > len(data.train):
         raise ClasslabError(
@@ -164,22 +177,12 @@ def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: 
     pre = preprocess_for(cfg, data)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(data.classes), pre.input_shape).to(device)
-    folder.write_json("input_stats.json", input_stats(data.train.images.numpy()))
-    params = parameter_count(model)
-    table, rows = model_table(model, pre.input_shape, cfg.train.lr_groups, cfg.train.lr)
-    folder.write_config(run_config_dict(cfg))
-    folder.write_json("preprocessing.json", pre.to_dict())
-    text = layer_table_text(rows, params, pre.input_shape)
-    atomic_write_bytes(folder.path / "model_summary.txt", (text + "\n\n" + table + "\n").encode())
-    folder.write_json("model_summary.json", {"rows": rows, "parameters": params})
-    log_lines = [f"data: {data.source}", f"train {len(data.train)}, val {len(data.val) if data.val else 0}, "
-                 f"test {len(data.test)} images, classes {data.classes}"]
-    log_lines += [f"skipped unreadable file: {s}" for s in data.skipped]
-    atomic_write_bytes(folder.path / "run.log", ("\n".join(log_lines) + "\n").encode())
+    if main:
+        _write_run_files(folder, cfg, data, model, pre)
     if resume is not None:
         console.print(f"[cyan]{cfg.name}: resuming after epoch {resume['epoch']}[/]")
 
-    writer = _tensorboard_writer(folder) if cfg.train.tensorboard else None
+    writer = _tensorboard_writer(folder) if cfg.train.tensorboard and main else None
 
     def save_epoch(row: dict, state: dict) -> None:
         # best.pt before last.pt before metrics: a kill between two writes leaves nothing that claims an
@@ -193,15 +196,42 @@ def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: 
         if on_epoch is not None:
             on_epoch(row)
 
-    progress = EpochProgress(console, cfg.name, cfg.train.epochs)
+    progress = EpochProgress(console, cfg.name, cfg.train.epochs) if main else None
     try:
-        result = fit(model, data, cfg, pre, device, on_epoch_end=save_epoch, resume=resume, progress=progress)
+        result = fit(model, data, cfg, pre, device, on_epoch_end=save_epoch if main else None, resume=resume,
+                     progress=progress)
     except RunFailed as e:
-        folder.mark_failed(str(e))
+        if main:
+            folder.mark_failed(str(e))
         raise
     finally:
         if writer is not None:
             writer.close()
+    # the test set, predictions and summary: rank 0's work; the other ranks get its summary (or its error)
+    return distributed.decided_by_main(lambda: _finish_run(cfg, folder, model, data, pre, device, result))
+
+
+def _write_run_files(folder: RunFolder, cfg: RunConfig, data: ImageData, model: torch.nn.Module,
+                     pre: Preprocess) -> None:
+    """Everything a run folder says about the run before its first epoch."""
+    folder.write_json("input_stats.json", input_stats(data.train.images.numpy()))
+    params = parameter_count(model)
+    table, rows = model_table(model, pre.input_shape, cfg.train.lr_groups, cfg.train.lr)
+    folder.write_config(run_config_dict(cfg))
+    folder.write_json("preprocessing.json", pre.to_dict())
+    text = layer_table_text(rows, params, pre.input_shape)
+    atomic_write_bytes(folder.path / "model_summary.txt", (text + "\n\n" + table + "\n").encode())
+    folder.write_json("model_summary.json", {"rows": rows, "parameters": params})
+    log_lines = [f"data: {data.source}", f"train {len(data.train)}, val {len(data.val) if data.val else 0}, "
+                 f"test {len(data.test)} images, classes {data.classes}", distributed.describe()]
+    log_lines += [f"skipped unreadable file: {s}" for s in data.skipped]
+    atomic_write_bytes(folder.path / "run.log", ("\n".join(log_lines) + "\n").encode())
+
+
+def _finish_run(cfg: RunConfig, folder: RunFolder, model: torch.nn.Module, data: ImageData, pre: Preprocess,
+                device: torch.device, result: FitResult) -> dict:
+    """Evaluate the trained model on the test set and write predictions and summary.json (last)."""
+    params = parameter_count(model)
     eval_tf = BatchTransform(pre, None, device)
     test_loss, test_acc, logits = evaluate_split(model, data.test, eval_tf, cfg, device)
     labels = data.test.labels.to(device)
@@ -261,6 +291,10 @@ class StudyResult:
     summaries: list[dict]
     failed: list[str]
     selected: str | None = None
+    busy: list[str] = field(default_factory=list)  # skipped: another process holds their lock
+    waiting: list[str] = field(default_factory=list)  # runs of the whole study neither finished nor failed
+    shard: tuple[int, int] | None = None
+    writer: bool = True  # this process wrote the run folders (rank 0 under torchrun): it prints and reports
 
 
 def select_variant(summaries: list[dict], metric: str) -> str:
@@ -307,23 +341,78 @@ class _Estimator:
                            "(from the first epoch; early stopping may shorten it)[/]")
 
 
+def _claim_run(folder: RunFolder, restart: bool, steal: bool) -> tuple[RunLock | None, str | None]:
+    """Claim a run before training it, so no other process (shard, machine, second `classlab run`) trains
+    it at the same time; a finished run needs no claim. Rank 0 claims; every rank learns the outcome.
+    Returns (this process's lock, or None; why another process has the run, or None)."""
+    claimed: list[RunLock] = []
+
+    def claim() -> str | None:
+        if folder.is_complete and not restart:
+            return None
+        try:
+            claimed.append(RunLock.acquire(folder.path, steal=steal))
+        except RunLocked as e:
+            return str(e)
+        return None
+
+    held = distributed.decided_by_main(claim)
+    return (claimed[0] if claimed else None), held
+
+
 def _train_all(planned: list[PlannedRun], folder: Path, dev: torch.device, console: Console, restart: bool,
-               summaries: list[dict], failed: list[str]) -> None:
+               summaries: list[dict], failed: list[str], busy: list[str] | None = None,
+               steal_locks: bool = False) -> None:
     todo = [p for p in planned if restart or not RunFolder(folder / p.config.name).is_complete]
     estimator = _Estimator(console, todo)
     for i, run in enumerate(planned, start=1):
         console.print(f"[bold]run {i}/{len(planned)}: {run.config.name}[/]")
+        run_folder = RunFolder(folder / run.config.name)
+        lock, held = _claim_run(run_folder, restart, steal_locks)
+        if held is not None:
+            console.print(f"{run.config.name}: skipped, {held}", style="yellow", markup=False, highlight=False,
+                          soft_wrap=True)
+            if busy is not None:
+                busy.append(run.config.name)
+            continue
         try:
-            summaries.append(train_run(run.config, RunFolder(folder / run.config.name), dev, console, restart,
-                                       on_epoch=estimator))
+            summaries.append(train_run(run.config, run_folder, dev, console, restart, on_epoch=estimator))
         except RunFailed as e:
             console.print(f"failed: {e}", style="red", markup=False, highlight=False, soft_wrap=True)  # one line
             failed.append(run.config.name)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' (as in `--shard 0/4`) -> (I, N), with 0 <= I < N."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ClasslabError(f"--shard '{text}': write I/N, e.g. 0/4 for the first of 4 shards") from None
+    if n < 1 or not 0 <= i < n:
+        raise ClasslabError(f"--shard '{text}': I must be between 0 and N-1 (e.g. 0/{max(n, 1)})")
+    return i, n
+
+
+def shard_runs(planned: list[PlannedRun], shard: tuple[int, int]) -> list[PlannedRun]:
+    """Shard (i, n) of a study: the runs whose index in `expand`'s stable order mod n is i. Every machine
+    expands the same file to the same order, so n shards split the study without talking to each other."""
+    i, n = shard
+    return [run for index, run in enumerate(planned) if index % n == i]
 
 
 def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), device: str | None = None,
-              restart: bool = False, console: Console | None = None) -> StudyResult:
-    """Train every run of a study file; failed runs are reported and the rest go on."""
+              restart: bool = False, console: Console | None = None, shard: tuple[int, int] | None = None,
+              steal_locks: bool = False) -> StudyResult:
+    """Train every run of a study file; failed runs are reported and the rest go on.
+
+    `shard=(i, n)` trains only shard i of n (see `shard_runs`), so n machines can share one study folder.
+    Every run is claimed with a lock file while it trains (runs.RunLock), so no two processes ever train
+    the same run; a run another live process holds is skipped and listed in `busy`. Launched by torchrun,
+    all processes train each run together (DDP, train/distributed.py) and rank 0 alone writes and prints.
+    """
     console = console or Console()
     study, cli = load_study(path, overrides)
     planned = expand(study, cli, where=str(path))
@@ -331,21 +420,41 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dev
     dev = resolve_device(device or planned[0].config.train.device)
     if dev.type == "cpu" and planned[0].config.train.threads:
         torch.set_num_threads(planned[0].config.train.threads)
-    done = sum(RunFolder(folder / p.config.name).is_complete for p in planned) if not restart else 0
-    extra = " (+ retrain of the best)" if study.retrain_on else ""
-    console.print(f"[bold]{study.name}[/]: {len(planned)} run(s){extra}, {done} already complete, on {dev} -> {folder}")
-    summaries: list[dict] = []
-    failed: list[str] = []
-    started = time.perf_counter()
-    _train_all(planned, folder, dev, console, restart, summaries, failed)
-    selected = None
-    if study.select is not None and summaries:
-        selected = select_variant(summaries, study.select.metric)
-        console.print(f"[bold]selected[/] {selected} by {study.select.metric}")
-        if study.retrain_on == "train+val":
-            _train_all(retrain_plan(planned, selected, str(path)), folder, dev, console, restart, summaries, failed)
-    console.print(f"[dim]study finished in {time.perf_counter() - started:.1f}s[/]")
-    return StudyResult(study, folder, summaries, failed, selected)
+    dev, joined = distributed.setup(dev)
+    writer = distributed.is_main()
+    if not writer:
+        console = Console(quiet=True)  # rank 0 speaks for all
+    try:
+        mine = shard_runs(planned, shard) if shard is not None else planned
+        done = sum(RunFolder(folder / p.config.name).is_complete for p in mine) if not restart else 0
+        extra = " (+ retrain of the best)" if study.retrain_on and shard is None else ""
+        part = f" shard {shard[0]}/{shard[1]}: {len(mine)} of" if shard is not None else ""
+        on = f"{distributed.world_size()} processes × {dev.type}" if distributed.is_distributed() else str(dev)
+        console.print(f"[bold]{study.name}[/]:{part} {len(planned)} run(s){extra}, {done} already complete, "
+                      f"on {on} -> {folder}")
+        summaries: list[dict] = []
+        failed: list[str] = []
+        busy: list[str] = []
+        started = time.perf_counter()
+        _train_all(mine, folder, dev, console, restart, summaries, failed, busy=busy, steal_locks=steal_locks)
+        selected = None
+        if study.select is not None and (shard is not None or busy):
+            console.print("[yellow]select / retrain_on need every run: when all are done, run this study again "
+                          "without --shard (finished runs are skipped)[/]")
+        elif study.select is not None and summaries:
+            selected = select_variant(summaries, study.select.metric)
+            console.print(f"[bold]selected[/] {selected} by {study.select.metric}")
+            if study.retrain_on == "train+val":
+                _train_all(retrain_plan(planned, selected, str(path)), folder, dev, console, restart, summaries,
+                           failed, busy=busy, steal_locks=steal_locks)
+        console.print(f"[dim]study finished in {time.perf_counter() - started:.1f}s[/]")
+        waiting = [p.config.name for p in planned
+                   if not RunFolder(folder / p.config.name).is_complete
+                   and not RunFolder(folder / p.config.name).failed_path.is_file()]
+    finally:
+        distributed.cleanup(joined)
+    return StudyResult(study, folder, summaries, failed, selected, busy=busy, waiting=waiting, shard=shard,
+                       writer=writer)
 
 
 def study_yaml_dump(cfg: RunConfig) -> str:

@@ -1,0 +1,74 @@
+"""CPU speed settings: intra-op threads for small models, and the channels-last memory format.
+
+Threads: torch's OpenMP threads spin at the end of every parallel region until all of them arrive.
+When other processes hold the cores, one of our threads is often descheduled and the rest wait for
+it: on this project's 2-core machine with other busy processes, a study-D MLP step took 50 ms with 2
+threads and 4.8 ms with 1. A small model's step is made of small ops that gain little from a second
+thread even on an idle machine, so when `train.threads` is not set, a model whose training batch
+costs under SMALL_STEP_MACS multiply-adds trains on one thread; larger ones get torch's default.
+The choice depends only on the model and batch size (never on the current load), so a repeated or
+resumed run uses the same thread count and gives the same numbers.
+
+Channels-last: oneDNN's convolutions run faster on NHWC data (measured on the same CPU: study A's CNN
+step 39 → 29 ms, study E's 63 → 51 ms); on CUDA it is the layout tensor cores want.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import: one per core this process may use
+SMALL_STEP_MACS = 50e6  # study D's MLP: 15.5 M per batch of 64; study A's CNN: 344 M
+
+
+def forward_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-adds of one forward pass of one image, over Conv2d and Linear layers (eval mode, on CPU)."""
+    total = 0
+
+    def count(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += output[0].numel() * k
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def cpu_threads_for(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> int:
+    """1 for a small model (see the module docstring), else torch's default thread count."""
+    small = forward_macs(model, input_shape) * batch_size < SMALL_STEP_MACS
+    return 1 if small else DEFAULT_THREADS
+
+
+def has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def to_channels_last(model: nn.Module) -> bool:
+    """Put a convolutional model's 4-D weights in channels-last layout; True when done (inputs should follow)."""
+    if not has_conv(model):
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """True when some convolution's weight is stored channels-last (and that is not also plain contiguous)."""
+    return any(isinstance(m, nn.Conv2d) and m.weight.is_contiguous(memory_format=torch.channels_last)
+               and not m.weight.is_contiguous() for m in model.modules())
+
+
+def channels_last_input(x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if enabled and x.dim() == 4 else x

@@ -1,0 +1,195 @@
+"""Grid sharding (`classlab run STUDY --shard I/N`) and the run locks that keep two processes from ever
+training the same run: two shards started together train disjoint runs that make up the whole study."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from classlab.errors import ClasslabError
+from classlab.runs import LOCK_NAME, RunFolder, RunLock, RunLocked, read_lock
+from classlab.study import expand, parse_shard, run_study, shard_runs
+from tests.conftest import make_idx_folder, tiny_study, write_study
+
+TIMEOUT = 300
+
+
+def _four_run_study(tmp_path: Path, epochs: int = 1) -> Path:
+    """2 variants × 2 seeds = 4 runs, each a second or two on one CPU thread."""
+    data = make_idx_folder(tmp_path / "data", n_train=120, n_test=40)
+    study = tiny_study(tmp_path, data, runs=[{"name": "adam"}, {"name": "sgd", "train": {"optimizer": "sgd"}}],
+                       seeds=[0, 1])
+    study["train"].update({"epochs": epochs, "threads": 1})
+    return write_study(tmp_path / "study.yaml", study)
+
+
+def _planned_names(path: Path) -> list[str]:
+    from classlab.config import load_study
+
+    study, cli = load_study(path)
+    return [p.config.name for p in expand(study, cli)]
+
+
+def _write_lock(run_dir: Path, host: str, pid: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOCK_NAME).write_text(json.dumps({"host": host, "pid": pid, "started": "earlier", "token": "x"}))
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def test_parse_shard_accepts_i_of_n_and_names_the_mistake() -> None:
+    assert parse_shard("0/1") == (0, 1) and parse_shard("3/4") == (3, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b", "1/0", "1/2/3"):
+        with pytest.raises(ClasslabError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_shards_split_a_study_by_index_mod_n_disjointly_and_completely(tmp_path: Path) -> None:
+    names = _planned_names(_four_run_study(tmp_path))
+    assert names == ["adam-seed0", "adam-seed1", "sgd-seed0", "sgd-seed1"]  # expand's stable order
+    from classlab.config import load_study
+
+    study, cli = load_study(tmp_path / "study.yaml")
+    planned = expand(study, cli)
+    for n in (1, 2, 3, 5):
+        parts = [[p.config.name for p in shard_runs(planned, (i, n))] for i in range(n)]
+        assert sorted(sum(parts, [])) == sorted(names)  # together: the whole study, each run once
+        assert parts[0][0] == names[0] and all(names.index(r) % n == i for i, part in enumerate(parts) for r in part)
+
+
+def test_bad_shard_on_the_command_line_is_one_line_exit_2(tmp_path: Path, run_cli) -> None:
+    path = _four_run_study(tmp_path)
+    code, _, err = run_cli("run", str(path), "--shard", "2/2")
+    assert code == 2 and err.count("\n") == 1 and "--shard '2/2'" in err
+
+
+def _start_shard(path: Path, shard: str, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    out = tmp_path / f"shard-{shard.replace('/', 'of')}.out"
+    env = {**os.environ, "COLUMNS": "200", "CLASSLAB_OFFLINE": "1", "CLASSLAB_DATA": str(tmp_path / "no-data")}
+    with out.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "classlab.cli", "run", str(path), "--device", "cpu",
+                                 "--shard", shard], cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+    return proc, out
+
+
+def _trained(output: str) -> list[str]:
+    """The runs a shard trained: its `run i/k: NAME` lines, less any it skipped."""
+    names = re.findall(r"^run \d+/\d+: (\S+)$", output, flags=re.M)
+    return [n for n in names if f"{n}: skipped" not in output and f"{n}: already complete" not in output]
+
+
+def test_two_shards_at_once_train_disjoint_runs_that_make_the_whole_study(tmp_path: Path, run_cli) -> None:
+    path = _four_run_study(tmp_path)
+    names = _planned_names(path)
+    procs = [_start_shard(path, shard, tmp_path) for shard in ("0/2", "1/2")]
+    outputs = []
+    for proc, out in procs:
+        try:
+            code = proc.wait(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        outputs.append(out.read_text())
+        assert code == 0, outputs[-1]
+    first, second = (_trained(o) for o in outputs)
+    assert first == names[0::2] and second == names[1::2]  # index mod 2, in the study's own order
+    assert not set(first) & set(second) and sorted(first + second) == sorted(names)
+    folder = tmp_path / "runs" / "toy"
+    assert all(RunFolder(folder / n).is_complete for n in names)
+    assert not list(folder.rglob(LOCK_NAME + "*"))  # every claim released
+    code, out, err = run_cli("report", str(folder))
+    assert code == 0, err
+    report = (folder / "report.md").read_text()
+    assert all(n in report for n in names)
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+def test_a_lock_is_created_atomically_with_its_owner_and_released(tmp_path: Path) -> None:
+    lock = RunLock.acquire(tmp_path / "run")
+    owner = read_lock(tmp_path / "run" / LOCK_NAME)
+    assert owner == lock.owner and owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    with pytest.raises(RunLocked, match=f"pid {os.getpid()}"):  # a live process's lock is respected
+        RunLock.acquire(tmp_path / "run", steal=True)
+    lock.release()
+    assert read_lock(tmp_path / "run" / LOCK_NAME) is None
+
+
+def test_a_dead_process_lock_on_this_machine_is_taken_over(tmp_path: Path) -> None:
+    _write_lock(tmp_path / "run", socket.gethostname(), _dead_pid())
+    lock = RunLock.acquire(tmp_path / "run")
+    assert read_lock(lock.path)["pid"] == os.getpid()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [LOCK_NAME]  # nothing moved aside is left
+
+
+def test_a_zombie_counts_as_dead(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    stat = Path(f"/proc/{child.pid}/stat")
+    while stat.is_file() and stat.read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    try:
+        _write_lock(tmp_path / "run", socket.gethostname(), child.pid)
+        RunLock.acquire(tmp_path / "run").release()
+    finally:
+        child.wait()
+
+
+def test_another_machines_lock_is_respected_unless_stolen(tmp_path: Path) -> None:
+    _write_lock(tmp_path / "run", "some-other-host", 12345)
+    with pytest.raises(RunLocked, match="pid 12345 on some-other-host.*--steal-locks"):
+        RunLock.acquire(tmp_path / "run")
+    lock = RunLock.acquire(tmp_path / "run", steal=True)
+    assert read_lock(lock.path)["host"] == socket.gethostname()
+
+
+def test_release_never_removes_a_lock_someone_else_took_over(tmp_path: Path) -> None:
+    lock = RunLock.acquire(tmp_path / "run")
+    _write_lock(tmp_path / "run", "some-other-host", 1)
+    lock.release()
+    assert read_lock(lock.path)["host"] == "some-other-host"
+
+
+def test_restart_keeps_the_lock_while_clearing_the_run(tmp_path: Path) -> None:
+    lock = RunLock.acquire(tmp_path / "run")
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    RunFolder(tmp_path / "run").prepare(restart=True)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [LOCK_NAME]
+    lock.release()
+
+
+def test_a_plain_run_skips_a_run_another_live_process_is_training(tmp_path: Path, run_cli) -> None:
+    path = _four_run_study(tmp_path)
+    names = _planned_names(path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _write_lock(tmp_path / "runs" / "toy" / names[1], socket.gethostname(), other.pid)
+        code, out, err = run_cli("run", str(path), "--device", "cpu")
+        assert code == 0, err
+        assert f"{names[1]}: skipped, being trained by pid {other.pid}" in " ".join(out.split())
+        assert "when they are done: classlab report" in " ".join(out.split())
+        folder = tmp_path / "runs" / "toy"
+        assert [n for n in names if RunFolder(folder / n).is_complete] == [n for n in names if n != names[1]]
+        assert read_lock(folder / names[1] / LOCK_NAME)["pid"] == other.pid  # untouched
+        result = run_study(path, device="cpu")  # the other process is still "training": same again
+        assert result.busy == [names[1]] and result.waiting == [names[1]]
+    finally:
+        other.kill()
+        other.wait()

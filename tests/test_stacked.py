@@ -1,0 +1,146 @@
+"""Stacked training (many models at once) against the same runs trained one by one with `fit`."""
+
+import copy
+
+import pytest
+import torch
+
+from classlab.config import RunConfig, validate
+from classlab.data import load_dataset
+from classlab.models import build_model
+from classlab.study import preprocess_for
+from classlab.train.loop import fit
+from classlab.train.stacked import VmapStack, WideMLP, can_stack, fit_stacked, stack_groups
+from tests.conftest import TINY_CNN
+
+CPU = torch.device("cpu")
+SMALL_MLP = {"name": "mlp", "hidden": [32, 16], "activation": "tanh"}
+
+
+def _cfg(idx_folder, name="r", seed=0, model=None, **train) -> RunConfig:
+    t = {"epochs": 2, "batch_size": 32, "optimizer": "adam", "lr": 0.01, **train}
+    d = {"dataset": "idx", "root": str(idx_folder), "val_fraction": 0.2}
+    return validate(RunConfig, {"name": name, "seed": seed, "data": d, "model": model or SMALL_MLP, "train": t})
+
+
+def _build(cfg, data):
+    pre = preprocess_for(cfg, data)
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model, len(data.classes), pre.input_shape), pre
+
+
+def _both(cfgs):
+    """(stacked results + models, one-by-one results + models) from identical initial weights."""
+    data = load_dataset(cfgs[0].data)
+    stacked_models, alone_models = [], []
+    for cfg in cfgs:
+        model, pre = _build(cfg, data)
+        stacked_models.append(model)
+        alone_models.append(copy.deepcopy(model))
+    stacked = fit_stacked(stacked_models, data, cfgs, pre, CPU)
+    alone = [fit(m, data, c, pre, CPU) for m, c in zip(alone_models, cfgs, strict=True)]
+    return stacked, stacked_models, alone, alone_models
+
+
+def _assert_same(stacked, stacked_models, alone, alone_models, atol=2e-4):
+    for s, a in zip(stacked, alone, strict=True):
+        assert len(s.history) == len(a.history) and s.best_epoch == a.best_epoch
+        for rs, ra in zip(s.history, a.history, strict=True):
+            for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+                assert rs[key] == pytest.approx(ra[key], abs=atol), key
+    for ms, ma in zip(stacked_models, alone_models, strict=True):
+        for (name, ts), (_, ta) in zip(ms.state_dict().items(), ma.state_dict().items(), strict=True):
+            assert torch.allclose(ts.float(), ta.float(), atol=atol), name
+
+
+def test_wide_mlp_grid_matches_one_by_one(idx_folder):
+    """Study D's kind of grid: optimizers × {none, BN, L1} (+ a scheduler), one stacked model."""
+    cfgs = [
+        _cfg(idx_folder, "adam"),
+        _cfg(idx_folder, "rmsprop-bn", optimizer="rmsprop", lr=0.003, model={**SMALL_MLP, "batchnorm": True}),
+        _cfg(idx_folder, "adam-l1", l1=1e-3),
+        _cfg(idx_folder, "sgd-step", optimizer="sgd", momentum=0.9, lr=0.05, weight_decay=1e-3,
+             scheduler={"name": "step", "step_size": 1, "gamma": 0.5}),
+    ]
+    assert can_stack(cfgs)
+    stacked, sm, alone, am = _both(cfgs)
+    assert all(r.extra["stacked"] == 4 for r in stacked)
+    assert stacked[3].history[1]["lr"] == pytest.approx(0.025)
+    _assert_same(stacked, sm, alone, am)
+
+
+def test_different_seeds_each_see_their_own_data_order(idx_folder):
+    cfgs = [_cfg(idx_folder, "s0", seed=0), _cfg(idx_folder, "s1", seed=1, optimizer="rmsprop", lr=0.003)]
+    _assert_same(*_both(cfgs))
+
+
+def test_vmap_backend_for_identical_cnns(idx_folder):
+    model = {"name": "cnn", "layers": TINY_CNN}
+    cfgs = [_cfg(idx_folder, "a", model=model, epochs=1), _cfg(idx_folder, "b", model=model, epochs=1, optimizer="sgd",
+                                                                  momentum=0.9, lr=0.05, l1=1e-3)]
+    data = load_dataset(cfgs[0].data)
+    assert isinstance(_backend(cfgs, data), VmapStack)
+    _assert_same(*_both(cfgs), atol=5e-4)
+
+
+def _backend(cfgs, data):
+    from classlab.train.stacked import make_backend
+
+    return make_backend([_build(c, data)[0] for c in cfgs])
+
+
+def test_dropout_members_train_with_their_own_masks(idx_folder):
+    cfgs = [_cfg(idx_folder, "drop", model={**SMALL_MLP, "dropout": 0.5}), _cfg(idx_folder, "plain")]
+    data = load_dataset(cfgs[0].data)
+    backend = _backend(cfgs, data)
+    assert isinstance(backend, WideMLP) and backend.drop_p[0] == [(0, 0.5)]
+    x = data.train.images[:8].float()
+    out = backend.forward(x, shared=True, training=True)
+    assert not torch.allclose(out, backend.forward(x, shared=True, training=True))  # dropout is on in training
+    assert torch.equal(backend.forward(x, shared=True, training=False), backend.forward(x, shared=True,
+                                                                                       training=False))
+    stacked, _, alone, _ = _both(cfgs)
+    assert stacked[1].history[-1]["val_loss"] == pytest.approx(alone[1].history[-1]["val_loss"], abs=2e-4)
+    assert stacked[0].history[-1]["val_accuracy"] > 0.5
+
+
+def test_different_shapes_fall_back_to_one_by_one(idx_folder):
+    cfgs = [_cfg(idx_folder, "narrow"), _cfg(idx_folder, "wide", model={**SMALL_MLP, "hidden": [64, 16]})]
+    assert not can_stack(cfgs)
+    assert stack_groups([*cfgs, _cfg(idx_folder, "narrow2", optimizer="sgd")]) == [[0, 2], [1]]
+    stacked, sm, alone, am = _both(cfgs)
+    assert [r.extra["stacked"] for r in stacked] == [1, 1]
+    _assert_same(stacked, sm, alone, am, atol=0)
+
+
+def test_stacked_checkpoints_resume_stacked_and_with_fit(idx_folder):
+    """A stacked epoch's state is fit's checkpoint format: both a stacked and a plain resume continue it."""
+    cfgs = [_cfg(idx_folder, "a", epochs=3, model={**SMALL_MLP, "batchnorm": True}),
+            _cfg(idx_folder, "b", epochs=3, optimizer="rmsprop", lr=0.003, momentum=0.5)]
+    data = load_dataset(cfgs[0].data)
+    built = [_build(c, data) for c in cfgs]
+    pre = built[0][1]
+    fresh = [copy.deepcopy(m) for m, _ in built]
+    states: dict[int, dict] = {}
+
+    def keep_epoch_2(k, row, state):
+        if row["epoch"] == 2:
+            states[k] = copy.deepcopy(state)
+
+    full = fit_stacked([m for m, _ in built], data, cfgs, pre, CPU, on_epoch_end=keep_epoch_2)
+    resumed_models = [copy.deepcopy(m) for m in fresh]
+    resumed = fit_stacked(resumed_models, data, cfgs, pre, CPU, resume=[states[0], states[1]])
+    plain = fit(copy.deepcopy(fresh[1]), data, cfgs[1], pre, CPU, resume=states[1])
+    for k in (0, 1):
+        assert [r["epoch"] for r in resumed[k].history] == [1, 2, 3]
+        assert resumed[k].history[-1]["val_loss"] == pytest.approx(full[k].history[-1]["val_loss"], abs=1e-5)
+    assert plain.history[-1]["val_loss"] == pytest.approx(full[1].history[-1]["val_loss"], abs=2e-4)
+
+
+def test_a_diverging_member_fails_alone(idx_folder):
+    cfgs = [_cfg(idx_folder, "ok"), _cfg(idx_folder, "bad", optimizer="sgd", lr=1e38)]
+    data = load_dataset(cfgs[0].data)
+    built = [_build(c, data) for c in cfgs]
+    results = fit_stacked([m for m, _ in built], data, cfgs, built[0][1], CPU)
+    assert "non-finite" in results[1].extra["failed"] and "failed" not in results[0].extra
+    assert len(results[0].history) == 2 and results[0].history[-1]["val_accuracy"] > 0.5
