@@ -1,3 +1,5 @@
+import pytest
+
 from classlab.config import RunConfig, load_study, validate
 from classlab.study import expand, grid_cells
 from tests.conftest import tiny_study, write_study
@@ -76,3 +78,34 @@ def test_every_experiment_file_expands(tmp_path):
             assert validate(RunConfig, run.config.model_dump(mode="json")) == run.config
     assert counts["fashion-mlp-grid"] == 8 and counts["fer-resnet18"] == 4
     assert counts["fashion-3class-permutation"] == counts["fashion-3class-cnn-dropout"] == 2
+
+
+def test_seeds_give_mean_and_std_in_the_comparison(tmp_path, idx_folder, run_cli):
+    study = tiny_study(tmp_path, idx_folder, seeds=[0, 1], grid={"train.optimizer": ["adam", "sgd"]})
+    study["train"]["epochs"] = 1
+    code, out, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
+    assert code == 0, err
+    from classlab.comparison import compare_runs
+    from classlab.runs import find_runs
+
+    summaries = [r.read_summary() for r in find_runs(tmp_path / "runs" / "toy")]
+    rows = {r.variant: r for r in compare_runs(summaries)}
+    assert set(rows) == {"adam", "sgd"} and rows["adam"].accuracy.n == 2
+    accs = [s["test"]["accuracy"] for s in summaries if s["name"].startswith("adam")]
+    assert abs(rows["adam"].accuracy.mean - sum(accs) / 2) < 1e-12
+    assert "±" in out  # the printed table shows mean ± std per variant
+
+
+def test_tensorboard_scalars(tmp_path, idx_folder, run_cli):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    study = tiny_study(tmp_path, idx_folder)
+    study["train"]["tensorboard"] = True
+    code, _, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
+    assert code == 0, err
+    events = EventAccumulator(str(tmp_path / "runs" / "toy" / "base" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr"} <= tags
+    assert [e.step for e in events.Scalars("loss/train")] == [1, 2]
