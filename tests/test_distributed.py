@@ -80,6 +80,9 @@ class Proc:
         try:
             return self.popen.wait(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
+            for pid in _descendants(self.popen.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             os.killpg(self.popen.pid, signal.SIGKILL)
             raise
 
@@ -175,8 +178,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
         procs.append(_start(path, tmp / "killed", env, "again", "--nproc", "2"))
         yield Runs(procs[0], procs[1], procs[3], records, epoch, complete)
     finally:
-        for proc in procs:
+        for proc in procs:  # torchrun's workers live in sessions of their own: kill them by ancestry first
             if proc.popen.poll() is None:
+                for pid in _descendants(proc.popen.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 os.killpg(proc.popen.pid, signal.SIGKILL)
                 proc.popen.wait()
 
