@@ -62,6 +62,14 @@ def test_select_and_retrain_on_train_plus_val(tmp_path, idx_folder):
     retrained = result.summaries[4]
     assert retrained["data"]["val"] == 0 and retrained["data"]["train"] == 240
     assert RunFolder(tmp_path / "runs" / "toy" / names[4]).read_config()["data"]["val_fraction"] is None
+    # pinning the choice retrains that variant; the finished grid is reused, not retrained
+    other = next(n for n in names[:4] if n != result.selected)
+    again = run_study(tmp_path / "s.yaml", [f"select.variant={other}"], console=Console(quiet=True))
+    assert again.selected == other and again.summaries[-1]["name"] == f"retrain-{other}"
+    from classlab.errors import ClasslabError
+
+    with pytest.raises(ClasslabError, match="select.variant 'nope' is not a run"):
+        run_study(tmp_path / "s.yaml", ["select.variant=nope"], console=Console(quiet=True))
 
 
 def test_every_experiment_file_expands(tmp_path):

@@ -328,9 +328,11 @@ class RunConfig(Strict):
 
 
 class Select(Strict):
-    """Pick the best variant (mean over seeds) by a validation metric."""
+    """Pick the best variant (mean over seeds) by a validation metric, or pin one by name (to retrain
+    what a paper chose; the metric's pick is still printed beside it)."""
 
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    variant: str | None = None
 
 
 class StudyConfig(Strict):

@@ -416,6 +416,10 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dev
     console = console or Console()
     study, cli = load_study(path, overrides)
     planned = expand(study, cli, where=str(path))
+    variants = sorted({p.variant for p in planned})
+    if study.select is not None and study.select.variant is not None and study.select.variant not in variants:
+        raise ClasslabError(f"{path}: select.variant '{study.select.variant}' is not a run of this study; "
+                            f"runs: {', '.join(variants)}")
     folder = Path(study.out_dir).expanduser() / str(study.name)
     dev = resolve_device(device or planned[0].config.train.device)
     if dev.type == "cpu" and planned[0].config.train.threads:
@@ -442,8 +446,11 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dev
             console.print("[yellow]select / retrain_on need every run: when all are done, run this study again "
                           "without --shard (finished runs are skipped)[/]")
         elif study.select is not None and summaries:
-            selected = select_variant(summaries, study.select.metric)
-            console.print(f"[bold]selected[/] {selected} by {study.select.metric}")
+            best = select_variant(summaries, study.select.metric)
+            selected = study.select.variant or best
+            how = f"pinned in the study ({study.select.metric} picks {best})" if study.select.variant \
+                else f"by {study.select.metric}"
+            console.print(f"[bold]selected[/] {selected} {how}")
             if study.retrain_on == "train+val":
                 _train_all(retrain_plan(planned, selected, str(path)), folder, dev, console, restart, summaries,
                            failed, busy=busy, steal_locks=steal_locks)
