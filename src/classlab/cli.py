@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from classlab import __version__
@@ -41,7 +42,11 @@ def print_comparison(summaries: list[dict], title: str) -> None:
     for r in rows:
         table.add_row(r.variant, str(r.accuracy.n), r.accuracy.format(100), r.loss.format(1, 4),
                       r.macro_f1.format(1, 4), f"{r.parameters:,}", r.epochs.format(1, 1), r.seconds.format(1, 1))
-    console.print(table)
+    needed = Measurement.get(console, console.options.update_width(400), table).maximum
+    if needed <= console.width:
+        console.print(table)
+    else:  # never squeeze numbers into "8…" on an 80-column log: print this table wider
+        Console(file=console.file, width=needed, force_terminal=console.is_terminal).print(table)
 
 
 @app.command()
