@@ -12,8 +12,13 @@ through a DataLoader. classlab's side is `classlab.train.loop.fit` (one run) and
 `classlab.train.stacked.fit_stacked` (study D's grid) on the same data, model (same initial weights),
 optimizer and batch size, in the same process. An epoch here is one training pass plus one pass
 over the held-out split (validation for D and E, test for A, which has no validation split).
-Ratios are against the notebook pipeline with num_workers 0. Accuracy is on the test set after the
-same number of epochs. This is a benchmark, not a test: nothing is asserted.
+Ratios are against the notebook pipeline with num_workers 0, in wall time and in CPU time (this
+process plus its DataLoader workers: the work done, much less disturbed by other processes on a
+shared machine). Threads: the notebook runs with torch's default, classlab with its own choice
+(train/speed.py: one thread for small models), unless --threads pins both. Accuracy is on the test
+set after the same number of epochs (last epoch's weights in both). A compute floor per CNN/MLP
+(every multiply-add at the measured fp32 GEMM peak) shows how much of the CPU each pipeline uses.
+This is a benchmark, not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -47,6 +53,7 @@ from classlab.transforms import BatchTransform
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "fashion-mnist"
+CPU = torch.device("cpu")
 RELABEL_3 = {"clothes": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Shirt"],
              "shoes": ["Sandal", "Sneaker", "Ankle boot"], "other": ["Bag"]}
 
@@ -131,9 +138,33 @@ def notebook_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimize
     return torch.optim.RMSprop(model.parameters(), lr=t.lr)
 
 
+class Clock:
+    """Wall and CPU seconds per lap. CPU time (this process + its finished children, i.e. the DataLoader
+    workers, which exit at each epoch's end) is the work done; on a shared machine it is much less
+    disturbed by other processes than wall time."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.mark()
+
+    @staticmethod
+    def _cpu() -> float:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + children.ru_utime + children.ru_stime
+
+    def mark(self) -> None:
+        self._wall, self._cpu_at = time.perf_counter(), self._cpu()
+
+    def lap(self) -> None:
+        self.wall.append(time.perf_counter() - self._wall)
+        self.cpu.append(self._cpu() - self._cpu_at)
+        self.mark()
+
+
 def notebook_run(model: nn.Module, cfg: RunConfig, data: ImageData, held_out: Split, epochs: int,
                  workers: int, seed: int) -> dict:
-    """Train like the notebooks; returns seconds per epoch (train + held-out pass) and test accuracy."""
+    """Train like the notebooks; returns the epochs' clock (train + held-out pass) and test accuracy."""
     torch.manual_seed(seed)
     train_set = NotebookFashionMNIST(data.train, notebook_transforms(cfg, data, train=True))
     eval_tf = notebook_transforms(cfg, data, train=False)
@@ -143,9 +174,9 @@ def notebook_run(model: nn.Module, cfg: RunConfig, data: ImageData, held_out: Sp
     criterion = nn.CrossEntropyLoss()
     optimizer = notebook_optimizer(model, cfg)
     l1 = cfg.train.l1
-    times, train_times = [], []
+    clock = Clock()
     for _ in range(epochs):
-        t0 = time.perf_counter()
+        clock.mark()
         model.train()
         running, correct, seen = 0.0, 0, 0
         for x, y in train_loader:
@@ -159,11 +190,10 @@ def notebook_run(model: nn.Module, cfg: RunConfig, data: ImageData, held_out: Sp
             running += loss.item() * x.size(0)
             correct += (out.argmax(1) == y).sum().item()
             seen += x.size(0)
-        train_times.append(time.perf_counter() - t0)
         notebook_evaluate(model, held_loader)
-        times.append(time.perf_counter() - t0)
+        clock.lap()
     test_loader = DataLoader(NotebookFashionMNIST(data.test, eval_tf), batch_size=256, num_workers=0)
-    return {"epoch_s": times, "train_s": train_times, "test_acc": notebook_evaluate(model, test_loader)}
+    return {"clock": clock, "test_acc": notebook_evaluate(model, test_loader)}
 
 
 def notebook_evaluate(model: nn.Module, loader: DataLoader) -> float:
@@ -179,17 +209,27 @@ def notebook_evaluate(model: nn.Module, loader: DataLoader) -> float:
 # ----------------------------------------------------------------------------- classlab
 
 
-def classlab_test_acc(model: nn.Module, cfg: RunConfig, data: ImageData, pre, device) -> float:
-    return evaluate_split(model, data.test, BatchTransform(pre, None, device), cfg, device)[1]
+def classlab_test_acc(model: nn.Module, cfg: RunConfig, data: ImageData, pre) -> float:
+    return evaluate_split(model, data.test, BatchTransform(pre, None, CPU), cfg, CPU)[1]
 
 
-def last_epoch_acc(out: dict, k: int, model: nn.Module, cfg: RunConfig, data: ImageData, pre):
-    """An on_epoch_end hook: test accuracy of the last epoch's weights (fit later restores the best
-    validation epoch; the notebooks keep the last), outside the timed epoch."""
-    def hook(row: dict, state: dict) -> None:
-        if row["epoch"] == cfg.train.epochs:
-            out[k] = classlab_test_acc(model, cfg, data, pre, torch.device("cpu"))
-    return hook
+class EpochHooks:
+    """on_epoch_end hooks for fit / fit_stacked: a clock lap when an epoch ends (before any other work)
+    and, after the last epoch, each model's test accuracy (fit would later restore the best validation
+    epoch only with early stopping; the notebooks keep the last epoch's weights, and so do we here)."""
+
+    def __init__(self, models: list[nn.Module], cfgs: list[RunConfig], data: ImageData, pre) -> None:
+        self.models, self.cfgs, self.data, self.pre = models, cfgs, data, pre
+        self.clock = Clock()
+        self.acc: dict[int, float] = {}
+        self._epoch = 0
+
+    def __call__(self, k: int, row: dict, state: dict) -> None:
+        if row["epoch"] != self._epoch:
+            self._epoch = row["epoch"]
+            self.clock.lap()
+        if row["epoch"] == self.cfgs[k].train.epochs:
+            self.acc[k] = classlab_test_acc(self.models[k], self.cfgs[k], self.data, self.pre)
 
 
 def compute_floor(model: nn.Module, input_shape, n_train: int, n_held: int, peak: float) -> float:
@@ -236,13 +276,22 @@ def fresh_model(cfg: RunConfig, data: ImageData):
 class Row:
     study: str
     pipeline: str
-    epoch_s: float
+    wall: list[float]  # seconds per epoch, each epoch
+    cpu: list[float]
     test_acc: float | None
-    note: str = ""
-    ratio: float | None = None
-    per_epoch: list[float] = field(default_factory=list)
     threads: int = 0
-    ref: str | None = None  # the pipeline this row's ratio is against (default: the study's notebook w0)
+    note: str = ""
+    ref: str | None = None  # the pipeline this row's ratios are against (default: the study's notebook w0)
+    wall_ratio: float | None = None
+    cpu_ratio: float | None = None
+
+    @property
+    def wall_s(self) -> float:
+        return mean(self.wall)
+
+    @property
+    def cpu_s(self) -> float:
+        return mean(self.cpu)
 
 
 def load_avg() -> str:
@@ -263,102 +312,90 @@ def classlab_cfg(cfg: RunConfig, args) -> RunConfig:
                                                                         "threads": args.threads})})
 
 
-def bench_single(key: str, cfg: RunConfig, args, rows: list[Row], notebook_cache: dict) -> None:
-    cpu = torch.device("cpu")
+def run_notebook(key: str, name: str, cfg: RunConfig, data: ImageData, held: Split, workers: int, args,
+                 cache: dict) -> tuple[dict, int]:
+    threads = notebook_threads(args)
+    if (cfg.name, workers) not in cache:
+        print(f"[{key}] notebook {name}, num_workers {workers} (load {load_avg()})", flush=True)
+        model, _ = fresh_model(cfg, data)
+        cache[(cfg.name, workers)] = notebook_run(model, cfg, data, held, args.epochs, workers, cfg.seed)
+    return cache[(cfg.name, workers)], threads
+
+
+def run_classlab(key: str, cfgs: list[RunConfig], data: ImageData, args) -> tuple[EpochHooks, list[nn.Module]]:
+    """fit for one config, fit_stacked for several; the hooks hold the clock and accuracies."""
+    cfgs = [classlab_cfg(c, args) for c in cfgs]
+    built = [fresh_model(c, data) for c in cfgs]
+    models, pre = [m for m, _ in built], built[0][1]
+    hooks = EpochHooks(models, cfgs, data, pre)
+    what = "fit" if len(cfgs) == 1 else f"fit_stacked ({len(cfgs)} runs)"
+    print(f"[{key}] classlab {what} (load {load_avg()})", flush=True)
+    hooks.clock.mark()
+    if len(cfgs) == 1:
+        fit(models[0], data, cfgs[0], pre, CPU, on_epoch_end=lambda row, state: hooks(0, row, state))
+    else:
+        assert can_stack(cfgs)
+        fit_stacked(models, data, cfgs, pre, CPU, on_epoch_end=hooks)
+    return hooks, models
+
+
+def bench_single(key: str, cfg: RunConfig, args, rows: list[Row], cache: dict) -> None:
     data, held = with_held_out(subset(load_dataset(cfg.data), args.subset))
     cfg = classlab_cfg(cfg, args)
     for workers in args.workers:
-        model, _ = fresh_model(cfg, data)
-        threads = notebook_threads(args)
-        print(f"[{key}] notebook pipeline, num_workers {workers} (load {load_avg()})", flush=True)
-        res = notebook_cache.get((cfg.name, workers)) or notebook_run(model, cfg, data, held, args.epochs, workers,
-                                                                       cfg.seed)
-        notebook_cache[(cfg.name, workers)] = res
-        rows.append(Row(key, f"notebook, num_workers {workers}", mean(res["epoch_s"]), res["test_acc"],
-                        per_epoch=res["epoch_s"], threads=threads))
-    model, pre = fresh_model(cfg, data)
-    cfg = classlab_cfg(cfg, args)
-    print(f"[{key}] classlab fit (load {load_avg()})", flush=True)
-    last: dict[int, float] = {}
-    result = fit(model, data, cfg, pre, cpu, on_epoch_end=last_epoch_acc(last, 0, model, cfg, data, pre))
-    secs = [r["seconds"] for r in result.history]
-    rows.append(Row(key, "classlab fit", mean(secs), last[0], per_epoch=secs, threads=torch.get_num_threads()))
+        res, threads = run_notebook(key, cfg.name, cfg, data, held, workers, args, cache)
+        rows.append(Row(key, f"notebook, num_workers {workers}", res["clock"].wall, res["clock"].cpu,
+                        res["test_acc"], threads))
+    hooks, models = run_classlab(key, [cfg], data, args)
+    rows.append(Row(key, "classlab fit", hooks.clock.wall, hooks.clock.cpu, hooks.acc[0], torch.get_num_threads()))
     if key == "D" and args.noise_seeds > 1:
-        seed_noise(cfg, data, args, rows)
+        seeds = [cfg.model_copy(update={"seed": s, "name": f"{cfg.name}-seed{s}"}) for s in range(args.noise_seeds)]
+        hooks_n, _ = run_classlab(key, seeds, data, args)
+        accs = [hooks_n.acc[k] for k in range(len(seeds))]
+        n = len(seeds)
+        rows.append(Row(key, f"classlab fit_stacked, seeds 0–{n - 1} (per run)", [w / n for w in hooks_n.clock.wall],
+                        [c / n for c in hooks_n.clock.cpu], mean(accs), torch.get_num_threads(),
+                        note=f"seed noise: test acc std {statistics.stdev(accs) * 100:.2f} points, "
+                             f"range {min(accs) * 100:.2f}–{max(accs) * 100:.2f}%"))
+    model, pre = fresh_model(cfg, data)
     floor = compute_floor(model, pre.input_shape, len(data.train), len(held), args.peak)
     for r in rows:
-        if r.study == key and r.threads:
-            r.note = f"{floor / r.epoch_s:.0%} of the compute-floor speed" + (f"; {r.note}" if r.note else "")
-    rows.append(Row(key, f"compute floor ({args.peak / 1e9:.0f} GFLOP/s)", floor, None,
+        if r.study == key:
+            r.note = f"{floor / r.cpu_s:.0%} of compute-floor speed (CPU)" + (f"; {r.note}" if r.note else "")
+    rows.append(Row(key, f"compute floor at {args.peak / 1e9:.0f} GFLOP/s", [floor], [floor], None,
                     note=f"{forward_macs(model, pre.input_shape) / 1e6:.2f} M multiply-adds per image forward"))
 
 
-def seed_noise(cfg: RunConfig, data: ImageData, args, rows: list[Row]) -> None:
-    """The same run with N seeds (stacked, so it is cheap): the spread of test accuracy that a
-    difference between two single-seed numbers has to be judged against."""
-    cfgs = [cfg.model_copy(update={"seed": s, "name": f"{cfg.name}-seed{s}"}) for s in range(args.noise_seeds)]
-    built = [fresh_model(c, data) for c in cfgs]
-    models, pre = [m for m, _ in built], built[0][1]
-    print(f"[D] classlab fit_stacked, {len(cfgs)} seeds (load {load_avg()})", flush=True)
-    last: dict[int, float] = {}
-    hooks = [last_epoch_acc(last, k, m, c, data, pre) for k, (m, c) in enumerate(zip(models, cfgs, strict=True))]
-    results = fit_stacked(models, data, cfgs, pre, torch.device("cpu"),
-                          on_epoch_end=lambda k, row, state: hooks[k](row, state))
-    group = [r["group_seconds"] for r in results[0].history]
-    accs = [last[k] for k in range(len(cfgs))]
-    std = statistics.stdev(accs)
-    rows.append(Row("D", f"classlab fit_stacked, seeds 0–{len(cfgs) - 1}", mean(group) / len(cfgs), mean(accs),
-                    per_epoch=[g / len(cfgs) for g in group], threads=torch.get_num_threads(),
-                    note=f"amortized; seed noise: test acc std {std * 100:.2f} points, "
-                         f"range {min(accs) * 100:.2f}–{max(accs) * 100:.2f}%"))
-
-
-def bench_grid(cfgs: list[RunConfig], args, rows: list[Row], notebook_cache: dict) -> None:
-    cpu = torch.device("cpu")
-    cfgs = [classlab_cfg(c, args) for c in cfgs]
+def bench_grid(cfgs: list[RunConfig], args, rows: list[Row], cache: dict) -> None:
     data, held = with_held_out(subset(load_dataset(cfgs[0].data), args.subset))
-    assert can_stack(cfgs)
-    total_nb, accs_nb = [], []
+    walls, cpus, accs = [], [], []
     for cfg in cfgs:
-        model, _ = fresh_model(cfg, data)
-        threads = notebook_threads(args)
-        print(f"[grid] notebook {cfg.name} (load {load_avg()})", flush=True)
-        res = notebook_cache.get((cfg.name, 0)) or notebook_run(model, cfg, data, held, args.epochs, 0, cfg.seed)
-        notebook_cache[(cfg.name, 0)] = res
-        total_nb.append(res["epoch_s"])
-        accs_nb.append(res["test_acc"])
-        rows.append(Row("grid", f"notebook {cfg.name}", mean(res["epoch_s"]), res["test_acc"],
-                        per_epoch=res["epoch_s"], threads=threads, ref=f"notebook {cfg.name}"))
-    per_epoch_nb = [sum(run[e] for run in total_nb) for e in range(args.epochs)]
-    rows.append(Row("grid", "notebook, 8 runs one after another", mean(per_epoch_nb), mean(accs_nb),
-                    note="accuracy: mean of the 8", per_epoch=per_epoch_nb, threads=threads))
+        res, threads = run_notebook("grid", cfg.name, cfg, data, held, 0, args, cache)
+        walls.append(res["clock"].wall)
+        cpus.append(res["clock"].cpu)
+        accs.append(res["test_acc"])
+        rows.append(Row("grid", f"notebook {cfg.name}", res["clock"].wall, res["clock"].cpu, res["test_acc"], threads,
+                        ref=f"notebook {cfg.name}"))
+    rows.append(Row("grid", "notebook, 8 runs one after another", list(map(sum, zip(*walls, strict=True))),
+                    list(map(sum, zip(*cpus, strict=True))), mean(accs), threads, note="accuracy: mean of the 8"))
     if args.grid_one_by_one:
-        secs_all, accs = [0.0] * args.epochs, []
-        print(f"[grid] classlab fit, one by one (load {load_avg()})", flush=True)
-        cfgs = [classlab_cfg(c, args) for c in cfgs]
+        walls, cpus, accs = [], [], []
         for cfg in cfgs:
-            model, pre = fresh_model(cfg, data)
-            last: dict[int, float] = {}
-            result = fit(model, data, cfg, pre, cpu, on_epoch_end=last_epoch_acc(last, 0, model, cfg, data, pre))
-            for e, r in enumerate(result.history):
-                secs_all[e] += r["seconds"]
-            accs.append(last[0])
-        rows.append(Row("grid", "classlab fit, 8 runs one after another", mean(secs_all), mean(accs),
-                        note="accuracy: mean of the 8", per_epoch=secs_all, threads=torch.get_num_threads()))
-    built = [fresh_model(c, data) for c in cfgs]
-    models, pre = [m for m, _ in built], built[0][1]
-    cfgs = [classlab_cfg(c, args) for c in cfgs]
-    print(f"[grid] classlab fit_stacked (load {load_avg()})", flush=True)
-    last: dict[int, float] = {}
-    hooks = [last_epoch_acc(last, k, m, c, data, pre) for k, (m, c) in enumerate(zip(models, cfgs, strict=True))]
-    results = fit_stacked(models, data, cfgs, pre, cpu, on_epoch_end=lambda k, row, state: hooks[k](row, state))
-    group = [r["group_seconds"] for r in results[0].history]
+            hooks, _ = run_classlab("grid", [cfg], data, args)
+            walls.append(hooks.clock.wall)
+            cpus.append(hooks.clock.cpu)
+            accs.append(hooks.acc[0])
+        rows.append(Row("grid", "classlab fit, 8 runs one after another", list(map(sum, zip(*walls, strict=True))),
+                        list(map(sum, zip(*cpus, strict=True))), mean(accs), torch.get_num_threads(),
+                        note="accuracy: mean of the 8"))
+    hooks, _ = run_classlab("grid", cfgs, data, args)
+    n = len(cfgs)
     for k, cfg in enumerate(cfgs):
-        rows.append(Row("grid", f"stacked {cfg.name}", mean(group) / len(cfgs), last[k],
-                        note="amortized: the group's time / 8", per_epoch=[g / len(cfgs) for g in group],
-                        threads=torch.get_num_threads(), ref=f"notebook {cfg.name}"))
-    rows.append(Row("grid", "classlab fit_stacked, 8 runs at once", mean(group), mean(last.values()),
-                    note="accuracy: mean of the 8", per_epoch=group, threads=torch.get_num_threads()))
+        rows.append(Row("grid", f"stacked {cfg.name}", [w / n for w in hooks.clock.wall],
+                        [c / n for c in hooks.clock.cpu], hooks.acc[k], torch.get_num_threads(),
+                        note="amortized: the group's time / 8", ref=f"notebook {cfg.name}"))
+    rows.append(Row("grid", "classlab fit_stacked, 8 runs at once", hooks.clock.wall, hooks.clock.cpu,
+                    mean(hooks.acc.values()), torch.get_num_threads(), note="accuracy: mean of the 8"))
 
 
 def mean(xs) -> float:
@@ -367,30 +404,28 @@ def mean(xs) -> float:
 
 
 def add_ratios(rows: list[Row]) -> None:
-    """Ratio = notebook (num_workers 0) seconds per epoch / this row's, per study."""
+    """Ratio = the reference's seconds per epoch / this row's (default reference: notebook, num_workers 0)."""
     for r in rows:
         default = "notebook, 8 runs one after another" if r.study == "grid" else "notebook, num_workers 0"
         ref = next((x for x in rows if x.study == r.study and x.pipeline == (r.ref or default)), None)
-        if ref is not None and r.epoch_s > 0:
-            r.ratio = ref.epoch_s / r.epoch_s
+        if ref is not None and r.wall_s > 0 and r.cpu_s > 0:
+            r.wall_ratio, r.cpu_ratio = ref.wall_s / r.wall_s, ref.cpu_s / r.cpu_s
 
 
-def print_table(rows: list[Row], header: dict) -> str:
+def table(rows: list[Row], header: dict) -> str:
     h = header
     lines = [f"date {h['date']}, {h['machine']}, torch {h['torch']}, torchvision {h['torchvision']}, "
-             f"threads {h['threads']}, fp32 GEMM peak {h['peak_gflops']} GFLOP/s, epochs {h['epochs']}, "
+             f"threads: {h['threads']}, fp32 GEMM peak {h['peak_gflops']} GFLOP/s, epochs {h['epochs']}, "
              f"train subset {h['subset'] or 'all'}",
-             f"load average (1, 5, 15 min) at start {header['load_start']}, at end {header['load_end']}", "",
-             "| study | pipeline | threads | s / epoch | × notebook (w0) | test acc | note |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             f"load average (1, 5, 15 min) at start {h['load_start']}, at end {h['load_end']}", "",
+             "| study | pipeline | threads | wall s/epoch | × (wall) | CPU s/epoch | × (CPU) | test acc | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         acc = f"{r.test_acc * 100:.2f}%" if r.test_acc is not None else "–"
-        ratio = f"{r.ratio:.1f}×" if r.ratio is not None else ""
-        threads = r.threads or ""
-        lines.append(f"| {r.study} | {r.pipeline} | {threads} | {r.epoch_s:.2f} | {ratio} | {acc} | {r.note} |")
-    text = "\n".join(lines)
-    print(text)
-    return text
+        ratios = [f"{x:.1f}×" if x is not None else "" for x in (r.wall_ratio, r.cpu_ratio)]
+        lines.append(f"| {r.study} | {r.pipeline} | {r.threads or ''} | {r.wall_s:.2f} | {ratios[0]} | "
+                     f"{r.cpu_s:.2f} | {ratios[1]} | {acc} | {r.note} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -400,10 +435,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 epoch on a 6,400-image training subset")
     parser.add_argument("--studies", nargs="*", default=["D", "grid", "A", "E"], choices=["A", "D", "E", "grid"])
     parser.add_argument("--workers", nargs="*", type=int, default=[0, 2], help="notebook DataLoader num_workers")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="pin torch's intra-op threads for both pipelines (default: torch's default for the "
+                             "notebook, classlab's own choice for classlab)")
     parser.add_argument("--grid-one-by-one", action="store_true", help="also time classlab fit on the 8 cells in turn")
-    parser.add_argument("--noise-seeds", type=int, default=8, help="study D: also train this many seeds (stacked) "
-                        "to measure seed noise; 0 to skip")
+    parser.add_argument("--noise-seeds", type=int, default=8,
+                        help="study D: also train this many seeds (stacked) to measure seed noise; 0 to skip")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     args.subset = None
@@ -418,25 +455,24 @@ def main() -> None:
     header = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs", "torch": torch.__version__, "torchvision": torchvision.__version__,
               "threads": args.threads or f"torch default ({args.default_threads}) for the notebook, classlab's own",
-              "peak_gflops": round(args.peak / 1e9, 1), "epochs": args.epochs,
-              "subset": args.subset,
+              "peak_gflops": round(args.peak / 1e9, 1), "epochs": args.epochs, "subset": args.subset,
               "load_start": load_avg()}
     cfgs = study_configs(str(Path(args.data).expanduser()))
     rows: list[Row] = []
-    notebook_cache: dict = {}
+    cache: dict = {}
     for key in args.studies:
         if key == "grid":
-            bench_grid(cfgs["grid"], args, rows, notebook_cache)
+            bench_grid(cfgs["grid"], args, rows, cache)
         else:
-            bench_single(key, cfgs[key][0], args, rows, notebook_cache)
+            bench_single(key, cfgs[key][0], args, rows, cache)
     header["load_end"] = load_avg()
     add_ratios(rows)
     print()
-    print_table(rows, header)
+    print(table(rows, header))
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": [r.__dict__ for r in rows]}, indent=1))
+        out = {"header": header, "rows": [{**r.__dict__, "wall_s": r.wall_s, "cpu_s": r.cpu_s} for r in rows]}
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
     main()
-

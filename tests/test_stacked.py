@@ -9,6 +9,7 @@ from classlab.config import RunConfig, validate
 from classlab.data import load_dataset
 from classlab.models import build_model
 from classlab.study import preprocess_for
+from classlab.train import stacked
 from classlab.train.loop import fit
 from classlab.train.stacked import VmapStack, WideMLP, can_stack, fit_stacked, stack_groups
 from tests.conftest import TINY_CNN
@@ -74,13 +75,17 @@ def test_different_seeds_each_see_their_own_data_order(idx_folder):
     _assert_same(*_both(cfgs))
 
 
-def test_vmap_backend_for_identical_cnns(idx_folder):
+def test_vmap_backend_for_identical_cnns(idx_folder, monkeypatch):
     model = {"name": "cnn", "layers": TINY_CNN}
     cfgs = [_cfg(idx_folder, "a", model=model, epochs=1), _cfg(idx_folder, "b", model=model, epochs=1, optimizer="sgd",
                                                                   momentum=0.9, lr=0.05, l1=1e-3)]
+    assert not can_stack(cfgs) and can_stack(cfgs, "cuda")  # CNNs stack on a GPU only (slower on a CPU)
+    monkeypatch.setattr(stacked, "VMAP_ON_CPU", True)  # the GPU path's maths, checked on the CPU
     data = load_dataset(cfgs[0].data)
     assert isinstance(_backend(cfgs, data), VmapStack)
-    _assert_same(*_both(cfgs), atol=5e-4)
+    results = _both(cfgs)
+    assert results[0][0].extra["stacked"] == 2
+    _assert_same(*results, atol=5e-4)
 
 
 def _backend(cfgs, data):
@@ -144,3 +149,40 @@ def test_a_diverging_member_fails_alone(idx_folder):
     results = fit_stacked([m for m, _ in built], data, cfgs, built[0][1], CPU)
     assert "non-finite" in results[1].extra["failed"] and "failed" not in results[0].extra
     assert len(results[0].history) == 2 and results[0].history[-1]["val_accuracy"] > 0.5
+
+
+def test_fused_rmsprop_is_rmsprop():
+    """The CPU RMSprop that runs on the fused Adam kernel: same updates and state format as torch's."""
+    from classlab.train.optim import FusedRMSprop
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+    a, b = net(), net()
+    ref = torch.optim.RMSprop(a.parameters(), lr=1e-2, weight_decay=1e-3)
+    fused = FusedRMSprop(b.parameters(), lr=1e-2, weight_decay=1e-3)
+    x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
+    for _ in range(5):
+        for model, opt in ((a, ref), (b, fused)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    ref.load_state_dict(fused.state_dict())  # checkpoints move between the two classes
+
+
+def test_small_models_train_on_one_thread_and_cnns_channels_last(idx_folder):
+    from classlab.train.speed import DEFAULT_THREADS, cpu_threads_for, is_channels_last
+
+    data = load_dataset(_cfg(idx_folder).data)
+    mlp, pre = _build(_cfg(idx_folder), data)
+    assert cpu_threads_for(mlp, pre.input_shape, 64) == 1
+    big = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 4096), torch.nn.Linear(4096, 4096))
+    assert cpu_threads_for(big, (1, 28, 28), 64) == DEFAULT_THREADS
+    two_convs = [{"conv": {"out": 4, "kernel": 3}}, "relu", {"conv": {"out": 4, "kernel": 3}}, "relu", "flatten"]
+    cfg = _cfg(idx_folder, model={"name": "cnn", "layers": two_convs}, epochs=1)
+    cnn, pre = _build(cfg, data)
+    fit(cnn, data, cfg, pre, CPU)
+    assert is_channels_last(cnn)

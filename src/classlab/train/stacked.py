@@ -12,7 +12,8 @@ Two backends:
   activation; BatchNorm and dropout may differ per member (study D's grid: none / BN / dropout /
   L1 × Adam / RMSprop trains as one model). With a shared batch the first layer is one GEMM.
 - `VmapStack` (torch.func `stack_module_state` + `functional_call` + `vmap`): any other members of
-  identical structure (same CNN, different optimizer / regularizer / seed).
+  identical structure (same CNN, different optimizer / regularizer / seed), on a GPU (on a CPU it
+  is slower than one by one, see VMAP_ON_CPU).
 Anything else (different shapes, ResNets, per-block learning rates, torch.distributed) falls back to
 `fit`, one by one.
 
@@ -70,27 +71,42 @@ def _mlp_signature(cfg: RunConfig) -> tuple | None:
     return None
 
 
-def stack_key(cfg: RunConfig) -> tuple | None:
-    """Runs with equal keys can be trained together; None: this run always trains alone."""
+# On a CPU, vmapped convolutions (grouped convolutions underneath, no channels-last) lose to one-by-one
+# training: 3 × study A's CNN took 188 ms per step stacked against 78 ms one after another. So on a
+# CPU only MLP-family runs stack; identical CNNs stack where the device is a GPU.
+VMAP_ON_CPU = False
+
+
+def _device_type(device: torch.device | str | None) -> str:
+    return torch.device(device).type if device is not None else "cpu"
+
+
+def stack_key(cfg: RunConfig, device: torch.device | str | None = None) -> tuple | None:
+    """Runs with equal keys can be trained together; None: this run trains alone (on `device`; None =
+    assume a CPU)."""
     t = cfg.train
     if cfg.model.name == "resnet18" or t.lr_groups:
         return None
-    model = _mlp_signature(cfg) or ("same", repr(cfg.model))
+    model = _mlp_signature(cfg)
+    if model is None:
+        if _device_type(device) == "cpu" and not VMAP_ON_CPU:
+            return None
+        model = ("same", repr(cfg.model))
     data = repr(cfg.data)
     return model, data, tuple(getattr(t, k) for k in SHARED_TRAIN_KEYS)
 
 
-def can_stack(cfgs: Sequence[RunConfig]) -> bool:
-    """True when all runs can train as one stacked group (at least two, equal `stack_key`s)."""
-    keys = [stack_key(c) for c in cfgs]
+def can_stack(cfgs: Sequence[RunConfig], device: torch.device | str | None = None) -> bool:
+    """True when all runs can train as one stacked group on `device` (at least two, equal `stack_key`s)."""
+    keys = [stack_key(c, device) for c in cfgs]
     return len(keys) > 1 and keys[0] is not None and all(k == keys[0] for k in keys)
 
 
-def stack_groups(cfgs: Sequence[RunConfig]) -> list[list[int]]:
+def stack_groups(cfgs: Sequence[RunConfig], device: torch.device | str | None = None) -> list[list[int]]:
     """Partition run indices into stackable groups (in first-appearance order); singletons train alone."""
     groups: dict[Any, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        key = stack_key(cfg)
+        key = stack_key(cfg, device)
         groups.setdefault(key if key is not None else ("alone", i), []).append(i)
     return list(groups.values())
 
@@ -429,9 +445,10 @@ def fit_stacked(
 
     The caller builds each model as for `fit` (torch.manual_seed(cfg.seed) then build_model), so a
     member starts from the weights its one-by-one run would start from; on return each model holds its
-    final (best, as `fit` restores) weights. `on_epoch_end(k, row, state)` gets member k's row and a
-    state in `fit`'s checkpoint format (a stacked checkpoint resumes with `fit`, and the other way
-    round); `resume[k]` is such a state (all members at the same epoch). `progress(name)` returns an
+    final weights (the best epoch's when early stopping is on, as `fit` does).
+    `on_epoch_end(k, row, state)` gets member k's row and a state in `fit`'s checkpoint format (a
+    stacked checkpoint resumes with `fit`, and the other way round); `resume[k]` is such a state (all
+    members at the same epoch, else they train one by one). `progress(name)` returns an
     EpochProgress-like object. A member whose loss turns non-finite stops there: its FitResult has
     `extra["failed"]` (the message `fit` would raise as RunFailed) and the others train on.
     """
@@ -439,7 +456,7 @@ def fit_stacked(
         raise ValueError("fit_stacked: one config per model")
     resumed_epochs = {int(r["epoch"]) for r in resume if r is not None} if resume is not None else set()
     mixed_resume = resume is not None and (len(resumed_epochs) > 1 or (resumed_epochs and None in resume))
-    if not can_stack(cfgs) or mixed_resume or distributed.is_distributed():
+    if not can_stack(cfgs, device) or mixed_resume or distributed.is_distributed():
         return _fit_one_by_one(models, data, cfgs, pre, device, on_epoch_end, resume, progress)
     # members sorted so each optimizer group is a contiguous slice of the stacked tensors
     keys = [_group_key(c) for c in cfgs]
