@@ -324,12 +324,21 @@ def retrain_plan(planned: list[PlannedRun], variant: str, where: str) -> list[Pl
     return out
 
 
+def _saved_epochs(path: Path) -> list[dict]:
+    try:
+        return RunFolder(path).read_metrics()
+    except ClasslabError:
+        return []
+
+
 class _Estimator:
     """Prints the study's expected duration once, from the first trained epoch."""
 
-    def __init__(self, console: Console, planned: list[PlannedRun]) -> None:
+    def __init__(self, console: Console, planned: list[PlannedRun], folder: Path) -> None:
         self.console = console
-        self.epochs_left = sum(p.config.train.epochs for p in planned)
+        # epochs already saved by interrupted runs are not trained again
+        self.epochs_left = sum(max(p.config.train.epochs - len(_saved_epochs(folder / p.config.name)), 0)
+                               for p in planned)
         self.done = False
 
     def __call__(self, row: dict) -> None:
@@ -364,7 +373,7 @@ def _train_all(planned: list[PlannedRun], folder: Path, dev: torch.device, conso
                summaries: list[dict], failed: list[str], busy: list[str] | None = None,
                steal_locks: bool = False) -> None:
     todo = [p for p in planned if restart or not RunFolder(folder / p.config.name).is_complete]
-    estimator = _Estimator(console, todo)
+    estimator = _Estimator(console, todo, folder)
     for i, run in enumerate(planned, start=1):
         console.print(f"[bold]run {i}/{len(planned)}: {run.config.name}[/]")
         run_folder = RunFolder(folder / run.config.name)
