@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -76,7 +77,16 @@ def setup(device: torch.device) -> tuple[torch.device, bool]:
 
 def cleanup(created: bool) -> None:
     """Leave the process group, if `setup` created it (never one the caller's own code set up)."""
-    if created and dist.is_initialized():
+    if not (created and dist.is_initialized()):
+        return
+    try:  # every rank reaches the end before any tears down gloo/NCCL (else: abort at exit)
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=120))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass  # another rank already failed; its error is the one that matters
+    finally:
         dist.destroy_process_group()
 
 
