@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +26,20 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Image-classification studies from one YAML file.")
 console = Console()
+
+
+def interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Ctrl-C in a command: one line and exit 130 (typer would print 'Aborted!' and exit 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            raise typer.Exit(130) from None
+
+    return wrapper
 
 
 def demo_study() -> Path:
@@ -146,6 +162,7 @@ def _make_report(folder: Path) -> None:
 
 
 @app.command()
+@interruptible
 def summary(
     study: Path = typer.Argument(..., help="study YAML"),
     override: list[str] = typer.Option([], "-o", "--override"),
@@ -173,6 +190,7 @@ def summary(
 
 
 @app.command()
+@interruptible
 def report(runs_dir: Path = typer.Argument(..., help="a study folder of run folders, e.g. runs/demo")) -> None:
     """Re-make report.html and report.md from a study's run folders, without training."""
     from classlab.report import make_report
@@ -182,6 +200,7 @@ def report(runs_dir: Path = typer.Argument(..., help="a study folder of run fold
 
 
 @app.command("compare")
+@interruptible
 def compare_cmd(
     run_a: Path = typer.Argument(..., help="run folder A"),
     run_b: Path = typer.Argument(..., help="run folder B"),
@@ -210,6 +229,7 @@ def compare_cmd(
 
 
 @app.command()
+@interruptible
 def predict(
     run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/demo/original"),
     images: list[Path] = typer.Argument(..., help="image files and/or folders of images"),
