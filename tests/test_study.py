@@ -117,3 +117,21 @@ def test_tensorboard_scalars(tmp_path, idx_folder, run_cli):
     tags = set(events.Tags()["scalars"])
     assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr"} <= tags
     assert [e.step for e in events.Scalars("loss/train")] == [1, 2]
+
+
+def test_mlp_grid_cells_train_together_into_their_own_folders(tmp_path, idx_folder, run_cli):
+    from classlab.runs import RunFolder
+
+    study = tiny_study(tmp_path, idx_folder, grid={"train.optimizer": ["adam", "rmsprop"], "train.l1": [0.0, 1e-4]})
+    study["model"] = {"name": "mlp", "hidden": [32, 16]}
+    code, out, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
+    assert code == 0, err
+    assert "training 4 runs together" in out
+    for name in ("adam-0.0", "adam-0.0001", "rmsprop-0.0", "rmsprop-0.0001"):
+        folder = RunFolder(tmp_path / "runs" / "toy" / name)
+        summary = folder.read_summary()
+        assert summary["trained_together"] and summary["test"]["accuracy"] > 0.9
+        assert len(folder.read_metrics()) == 2 and (folder.path / "checkpoints" / "last.pt").is_file()
+        assert folder.read_config()["train"]["optimizer"] == name.split("-")[0]
+    code, out, _ = run_cli("run", str(tmp_path / "s.yaml"))  # finished runs are skipped, not retrained
+    assert code == 0 and out.count("already complete, skipped") == 4

@@ -24,6 +24,7 @@ from classlab.runs import RunFolder, RunLock, RunLocked, atomic_torch_save, atom
 from classlab.train import distributed
 from classlab.train.loop import FitResult, evaluate_split, fit, resolve_device
 from classlab.train.progress import EpochProgress
+from classlab.train.stacked import fit_stacked, stack_groups
 from classlab.transforms import BatchTransform, Preprocess, pixel_permutation
 
 WORST_MISTAKES = 16
@@ -154,12 +155,26 @@ def _start_state(folder: RunFolder, cfg: RunConfig, restart: bool) -> tuple[dict
     return None, None
 
 
-def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: Console,
-              restart: bool = False, on_epoch=None) -> dict:
-    """Train one run into its folder (resuming an interrupted one) and return its summary.
+@dataclass
+class _Prepared:
+    """A run ready for fitting: its data, preprocessing, fresh model, resume state and epoch hook."""
+
+    cfg: RunConfig
+    folder: RunFolder
+    data: ImageData
+    pre: Preprocess
+    model: torch.nn.Module
+    resume: dict | None
+    save_epoch: Any
+    writer: Any
+
+
+def _prepare_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: Console, restart: bool,
+                 on_epoch=None) -> dict | _Prepared:
+    """Everything before `fit`: the finished summary when the run is already complete, else a _Prepared.
 
     Under torch.distributed every rank calls this together: rank 0 alone reads and writes the folder
-    (the other ranks never create it) and hands them what they need: skip or resume, the summary."""
+    (the other ranks never create it) and hands them what they need: skip or resume."""
     main = distributed.is_main()
     done, resume = distributed.decided_by_main(lambda: _start_state(folder, cfg, restart))
     if done is not None:
@@ -196,19 +211,66 @@ def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: 
         if on_epoch is not None:
             on_epoch(row)
 
-    progress = EpochProgress(console, cfg.name, cfg.train.epochs) if main else None
+    return _Prepared(cfg, folder, data, pre, model, resume, save_epoch if main else None, writer)
+
+
+def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: Console,
+              restart: bool = False, on_epoch=None) -> dict:
+    """Train one run into its folder (resuming an interrupted one) and return its summary."""
+    prep = _prepare_run(cfg, folder, device, console, restart, on_epoch)
+    if isinstance(prep, dict):
+        return prep
+    progress = EpochProgress(console, cfg.name, cfg.train.epochs) if distributed.is_main() else None
     try:
-        result = fit(model, data, cfg, pre, device, on_epoch_end=save_epoch if main else None, resume=resume,
-                     progress=progress)
+        result = fit(prep.model, prep.data, cfg, prep.pre, device, on_epoch_end=prep.save_epoch,
+                     resume=prep.resume, progress=progress)
     except RunFailed as e:
-        if main:
+        if distributed.is_main():
             folder.mark_failed(str(e))
         raise
     finally:
-        if writer is not None:
-            writer.close()
+        if prep.writer is not None:
+            prep.writer.close()
     # the test set, predictions and summary: rank 0's work; the other ranks get its summary (or its error)
-    return distributed.decided_by_main(lambda: _finish_run(cfg, folder, model, data, pre, device, result))
+    return distributed.decided_by_main(
+        lambda: _finish_run(cfg, folder, prep.model, prep.data, prep.pre, device, result))
+
+
+def train_group(cfgs: list[RunConfig], folders: list[RunFolder], device: torch.device, console: Console,
+                restart: bool = False, on_epoch=None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Train runs that share an architecture and data together (train/stacked.py: one batch gather and
+    one kernel per layer for all of them), each into its own folder exactly as `train_run` would.
+    Returns the summaries and (name, reason) of runs that failed."""
+    summaries: list[dict] = []
+    failed: list[tuple[str, str]] = []
+    ready: list[_Prepared] = []
+    for cfg, folder in zip(cfgs, folders, strict=True):
+        prep = _prepare_run(cfg, folder, device, console, restart, on_epoch)
+        if isinstance(prep, dict):
+            summaries.append(prep)
+        else:
+            ready.append(prep)
+    if not ready:
+        return summaries, failed
+    console.print(f"[dim]training {len(ready)} runs together: {', '.join(p.cfg.name for p in ready)}[/]")
+    try:
+        results = fit_stacked(
+            [p.model for p in ready], ready[0].data, [p.cfg for p in ready], ready[0].pre, device,
+            on_epoch_end=lambda k, row, state: ready[k].save_epoch(row, state),
+            resume=[p.resume for p in ready],
+            progress=lambda name: EpochProgress(console, name, ready[0].cfg.train.epochs),
+        )
+    finally:
+        for p in ready:
+            if p.writer is not None:
+                p.writer.close()
+    for prep, result in zip(ready, results, strict=True):
+        if "failed" in result.extra:
+            prep.folder.mark_failed(result.extra["failed"])
+            failed.append((prep.cfg.name, result.extra["failed"]))
+            continue
+        summaries.append(_finish_run(prep.cfg, prep.folder, prep.model, prep.data, prep.pre, device, result))
+    return summaries, failed
 
 
 def _write_run_files(folder: RunFolder, cfg: RunConfig, data: ImageData, model: torch.nn.Module,
@@ -255,6 +317,7 @@ def _finish_run(cfg: RunConfig, folder: RunFolder, model: torch.nn.Module, data:
         "seconds": float(sum(epoch_seconds)),
         "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
         "device": str(device),
+        "trained_together": int(result.extra.get("stacked", 1)) > 1,
         "data": {"source": data.source, "train": len(data.train), "val": len(data.val) if data.val else 0,
                  "test": len(data.test), "skipped_files": len(data.skipped)},
     }
@@ -374,7 +437,17 @@ def _train_all(planned: list[PlannedRun], folder: Path, dev: torch.device, conso
                steal_locks: bool = False) -> None:
     todo = [p for p in planned if restart or not RunFolder(folder / p.config.name).is_complete]
     estimator = _Estimator(console, todo, folder)
+    together = _stacked_groups(planned, folder, dev, restart)
+    handled: set[int] = set()
     for i, run in enumerate(planned, start=1):
+        if i - 1 in handled:
+            continue
+        group = together.get(i - 1)
+        if group is not None:
+            handled.update(group)
+            _train_together([planned[k] for k in group], folder, dev, console, restart, summaries, failed, busy,
+                            steal_locks, estimator)
+            continue
         console.print(f"[bold]run {i}/{len(planned)}: {run.config.name}[/]")
         run_folder = RunFolder(folder / run.config.name)
         lock, held = _claim_run(run_folder, restart, steal_locks)
@@ -390,6 +463,46 @@ def _train_all(planned: list[PlannedRun], folder: Path, dev: torch.device, conso
             console.print(f"failed: {e}", style="red", markup=False, highlight=False, soft_wrap=True)  # one line
             failed.append(run.config.name)
         finally:
+            if lock is not None:
+                lock.release()
+
+
+def _stacked_groups(planned: list[PlannedRun], folder: Path, dev: torch.device, restart: bool) -> dict[int, list[int]]:
+    """First index -> indices of unfinished runs that can train together (same MLP shape and data; see
+    train/stacked.py). Never under torch.distributed, where each run is already spread over processes."""
+    if distributed.is_distributed():
+        return {}
+    pending = [k for k, p in enumerate(planned) if restart or not RunFolder(folder / p.config.name).is_complete]
+    groups = stack_groups([planned[k].config for k in pending], dev)
+    return {pending[g[0]]: [pending[i] for i in g] for g in groups if len(g) > 1}
+
+
+def _train_together(group: list[PlannedRun], folder: Path, dev: torch.device, console: Console, restart: bool,
+                    summaries: list[dict], failed: list[str], busy: list[str] | None, steal_locks: bool,
+                    estimator) -> None:
+    """Claim every run of a stackable group, train the claimed ones together, release the locks."""
+    locks, cfgs, folders = [], [], []
+    try:
+        for run in group:
+            run_folder = RunFolder(folder / run.config.name)
+            lock, held = _claim_run(run_folder, restart, steal_locks)
+            if held is not None:
+                console.print(f"{run.config.name}: skipped, {held}", style="yellow", markup=False,
+                              highlight=False, soft_wrap=True)
+                if busy is not None:
+                    busy.append(run.config.name)
+                continue
+            locks.append(lock)
+            cfgs.append(run.config)
+            folders.append(run_folder)
+        if cfgs:
+            done, bad = train_group(cfgs, folders, dev, console, restart, on_epoch=estimator)
+            summaries.extend(done)
+            for name, reason in bad:
+                console.print(f"failed: {reason}", style="red", markup=False, highlight=False, soft_wrap=True)
+                failed.append(name)
+    finally:
+        for lock in locks:
             if lock is not None:
                 lock.release()
 
