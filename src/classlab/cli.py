@@ -149,10 +149,8 @@ def _report_when_ready(result: StudyResult) -> None:
 
 
 def _make_report(folder: Path) -> None:
-    try:
-        from classlab.report import make_report
-    except ImportError:
-        return
+    from classlab.report import make_report
+
     try:
         paths = make_report(folder)
     except ClasslabError as e:  # training succeeded; a report problem must not hide that
