@@ -181,6 +181,11 @@ def test_small_models_train_on_one_thread_and_cnns_channels_last(idx_folder):
     assert cpu_threads_for(mlp, pre.input_shape, 64) == 1
     big = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 4096), torch.nn.Linear(4096, 4096))
     assert cpu_threads_for(big, (1, 28, 28), 64) == DEFAULT_THREADS
+    # study D's MLP alone is small; its 8-cell grid stacked is one model 8 times as wide
+    d_mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 256), torch.nn.Linear(256, 128),
+                                torch.nn.Linear(128, 64), torch.nn.Linear(64, 10))
+    assert cpu_threads_for(d_mlp, (1, 28, 28), 64) == 1
+    assert cpu_threads_for(d_mlp, (1, 28, 28), 64, members=8) == DEFAULT_THREADS
     two_convs = [{"conv": {"out": 4, "kernel": 3}}, "relu", {"conv": {"out": 4, "kernel": 3}}, "relu", "flatten"]
     cfg = _cfg(idx_folder, model={"name": "cnn", "layers": two_convs}, epochs=1)
     cnn, pre = _build(cfg, data)

@@ -40,4 +40,21 @@ def test_augment_only_with_a_generator_and_is_seeded():
     b = BatchTransform(_pre(), aug, torch.device("cpu"), torch.Generator().manual_seed(1))(x)
     assert torch.equal(a, b)
     plain = BatchTransform(_pre(), aug, torch.device("cpu"))(x)  # eval: no generator, no augmentation
-    assert torch.allclose(plain, (x.float() / 255 - 0.5) / 0.25)
+    assert torch.allclose(plain, (x.float() / 255 - 0.5) / 0.25, atol=1e-6)
+
+
+def test_every_path_normalizes_like_the_textbook_formula():
+    """Normalizing first (gathers only) and last (resize, jitter) both equal (x / 255 - mean) / std."""
+    x = torch.randint(0, 256, (4, 1, 6, 6), dtype=torch.uint8)
+    rgb = Preprocess(input_shape=(3, 12, 12), mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), classes=("a", "b"),
+                     source_shape=(1, 6, 6), to_rgb=True, resize=(12, 12))
+    out = BatchTransform(rgb, None, torch.device("cpu"))(x)
+    ref = torch.nn.functional.interpolate(x.float().expand(-1, 3, -1, -1) / 255, size=(12, 12), mode="bilinear",
+                                          align_corners=False, antialias=True)
+    mean, std = torch.tensor(rgb.mean).view(1, 3, 1, 1), torch.tensor(rgb.std).view(1, 3, 1, 1)
+    assert out.shape == (4, 3, 12, 12) and torch.allclose(out, (ref - mean) / std, atol=1e-5)
+    no_resize = Preprocess(input_shape=(3, 6, 6), mean=rgb.mean, std=rgb.std, classes=("a", "b"),
+                           source_shape=(1, 6, 6), to_rgb=True)
+    out = BatchTransform(no_resize, None, torch.device("cpu"))(x)
+    assert out.shape == (4, 3, 6, 6) and torch.allclose(out, (x.float().expand(-1, 3, -1, -1) / 255 - mean) / std,
+                                                        atol=1e-6)

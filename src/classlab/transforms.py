@@ -107,33 +107,53 @@ def color_jitter(x: torch.Tensor, jitter: ColorJitter, generator: torch.Generato
 
 
 class BatchTransform:
-    """Callable turning a uint8 batch on the device into the model's float input."""
+    """Callable turning a uint8 batch on the device into the model's float input.
+
+    Normalization is one multiply-add, `x * scale + shift`, with the 1/255 folded into `scale`. Where
+    every step is a gather or an average with weights summing to one (flip, pixel permutation, gray → RGB),
+    it commutes with that per-channel affine map, so the batch is normalized while it is converted from
+    uint8: one pass over the data instead of four. Rotation (whose zero fill is black, not the mean),
+    resizing and colour jitter (which clamps to [0, 1]) run on plain pixel values, normalized last.
+    """
 
     def __init__(self, pre: Preprocess, augment: Augment | None, device: torch.device,
                  generator: torch.Generator | None = None) -> None:
         self.pre = pre
-        self.augment = augment
+        self.augment = augment if generator is not None else None  # eval: no generator, no augmentation
         self.generator = generator
         c = pre.input_shape[0]
-        self.mean = torch.tensor(pre.mean, device=device).view(1, c, 1, 1)
-        self.std = torch.tensor(pre.std, device=device).view(1, c, 1, 1)
+        mean = torch.tensor(pre.mean, dtype=torch.float64).view(1, c, 1, 1)
+        std = torch.tensor(pre.std, dtype=torch.float64).view(1, c, 1, 1)
+        self.shift = (-mean / std).float().to(device)
+        self.scale = (1 / (255 * std)).float().to(device)  # from 0..255 pixel values
+        self.unit_scale = (1 / std).float().to(device)  # from [0, 1] pixel values (colour jitter)
         self.perm = torch.tensor(pre.permutation, device=device) if pre.permutation is not None else None
+        aug = self.augment
+        self.jitter = aug is not None and aug.color_jitter is not None
+        self.rotate = aug is not None and aug.rotate > 0
+        self.resize = pre.resize is not None and tuple(pre.stored_shape[-2:]) != tuple(pre.resize)
+        self.normalize_first = not (self.rotate or self.jitter or self.resize)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255)
         aug = self.augment
-        if aug is not None and self.generator is not None:
-            if aug.hflip > 0:
-                x = random_hflip(x, aug.hflip, self.generator)
-            if aug.rotate > 0:
-                x = random_rotate(x, aug.rotate, self.generator)
+        if self.normalize_first:
+            x = torch.addcmul(self.shift, x, self.scale)  # uint8 in, normalized float out (channels broadcast)
+        else:
+            x = x.float().div_(255) if self.jitter else x.float()
+        if aug is not None and aug.hflip > 0:
+            x = random_hflip(x, aug.hflip, self.generator)
+        if self.rotate:
+            x = random_rotate(x, aug.rotate, self.generator)
         if self.perm is not None:
             n, c, h, w = x.shape
             x = x.reshape(n, c, h * w)[:, :, self.perm].reshape(n, c, h, w)
+        if self.normalize_first:
+            return x.expand(-1, 3, -1, -1) if self.pre.to_rgb and x.shape[1] == 1 else x
         if self.pre.to_rgb and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if self.pre.resize is not None and tuple(x.shape[-2:]) != tuple(self.pre.resize):
+        if self.resize and tuple(x.shape[-2:]) != tuple(self.pre.resize):
             x = F.interpolate(x, size=tuple(self.pre.resize), mode="bilinear", align_corners=False, antialias=True)
-        if aug is not None and self.generator is not None and aug.color_jitter is not None:
+        if self.jitter:
             x = color_jitter(x.contiguous(), aug.color_jitter, self.generator)
-        return (x - self.mean) / self.std
+            return torch.addcmul(self.shift, x, self.unit_scale)
+        return torch.addcmul(self.shift, x, self.scale)

@@ -4,7 +4,8 @@ Threads: torch's OpenMP threads spin at the end of every parallel region until a
 When other processes hold the cores, one of our threads is often descheduled and the rest wait for
 it: on this project's 2-core machine with other busy processes, a study-D MLP step took 50 ms with 2
 threads and 4.8 ms with 1. A small model's step is made of small ops that gain little from a second
-thread even on an idle machine, so when `train.threads` is not set, a model whose training batch
+thread even on an idle machine (study D's MLP: 1.84 ms per step on one thread, 1.65 ms on two,
+idle), so when `train.threads` is not set, a model whose training batch
 costs under SMALL_STEP_MACS multiply-adds trains on one thread; larger ones get torch's default.
 The choice depends only on the model and batch size (never on the current load), so a repeated or
 resumed run uses the same thread count and gives the same numbers.
@@ -46,9 +47,11 @@ def forward_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return total
 
 
-def cpu_threads_for(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> int:
-    """1 for a small model (see the module docstring), else torch's default thread count."""
-    small = forward_macs(model, input_shape) * batch_size < SMALL_STEP_MACS
+def cpu_threads_for(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, members: int = 1) -> int:
+    """1 for a small model (see the module docstring), else torch's default thread count. `members`:
+    how many such models train as one stacked group (train/stacked.py); the group is the model whose
+    step is sized (study D's 8-cell grid: 124 M multiply-adds per step, GEMMs wide enough for threads)."""
+    small = forward_macs(model, input_shape) * batch_size * members < SMALL_STEP_MACS
     return 1 if small else DEFAULT_THREADS
 
 

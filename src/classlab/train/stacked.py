@@ -590,8 +590,8 @@ class _StackedTrainer:
         if steps > 1 and n % bs == 1:
             steps -= 1  # as fit: a final batch of one sample breaks BatchNorm
         check_every = 25 if device.type == "cpu" else 100
-        if device.type == "cpu" and self.tc.threads is None:  # as fit: a member's size decides (train/speed.py)
-            torch.set_num_threads(cpu_threads_for(self.models[0], self.input_shape, bs))
+        if device.type == "cpu" and self.tc.threads is None:  # as fit: the group's size decides (train/speed.py)
+            torch.set_num_threads(cpu_threads_for(self.models[0], self.input_shape, bs, members=k))
         started = time.perf_counter()
         for epoch in range(self.start_epoch, tc.epochs + 1):
             if not any(self.active):
