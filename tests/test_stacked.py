@@ -151,28 +151,6 @@ def test_a_diverging_member_fails_alone(idx_folder):
     assert len(results[0].history) == 2 and results[0].history[-1]["val_accuracy"] > 0.5
 
 
-def test_fused_rmsprop_is_rmsprop():
-    """The CPU RMSprop that runs on the fused Adam kernel: same updates and state format as torch's."""
-    from classlab.train.optim import FusedRMSprop
-
-    def net():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-
-    a, b = net(), net()
-    ref = torch.optim.RMSprop(a.parameters(), lr=1e-2, weight_decay=1e-3)
-    fused = FusedRMSprop(b.parameters(), lr=1e-2, weight_decay=1e-3)
-    x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
-    for _ in range(5):
-        for model, opt in ((a, ref), (b, fused)):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    for p, q in zip(a.parameters(), b.parameters(), strict=True):
-        assert torch.allclose(p, q, atol=1e-6)
-    ref.load_state_dict(fused.state_dict())  # checkpoints move between the two classes
-
-
 def test_small_models_train_on_one_thread_and_cnns_channels_last(idx_folder):
     from classlab.train.speed import DEFAULT_THREADS, cpu_threads_for, is_channels_last
 

@@ -127,6 +127,12 @@ class BatchTransform:
         self.shift = (-mean / std).float().to(device)
         self.scale = (1 / (255 * std)).float().to(device)  # from 0..255 pixel values
         self.unit_scale = (1 / std).float().to(device)  # from [0, 1] pixel values (colour jitter)
+        # one mean and std for all channels (gray images, 0.5 / 0.5): a scalar multiply-add, the fastest
+        # kernel (study D's batch: 14 µs against 39 µs broadcasting per-channel tensors, 44 µs in four ops)
+        self.uniform = bool((mean == mean.flatten()[0]).all() and (std == std.flatten()[0]).all())
+        self.shift0 = self.shift.flatten()[0].clone()
+        self.factor = {id(self.scale): float(self.scale.flatten()[0]),  # python floats: no device sync per batch
+                       id(self.unit_scale): float(self.unit_scale.flatten()[0])}
         self.perm = torch.tensor(pre.permutation, device=device) if pre.permutation is not None else None
         aug = self.augment
         self.jitter = aug is not None and aug.color_jitter is not None
@@ -137,9 +143,11 @@ class BatchTransform:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         aug = self.augment
         if self.normalize_first:
-            x = torch.addcmul(self.shift, x, self.scale)  # uint8 in, normalized float out (channels broadcast)
+            x = self._affine(x, self.scale)  # uint8 in, normalized float out
+        elif self.jitter:
+            x = x.float().div_(255)  # colour jitter works on [0, 1]
         else:
-            x = x.float().div_(255) if self.jitter else x.float()
+            x = x.float()  # rotation and resizing: plain pixel values, the 1/255 is in the final scale
         if aug is not None and aug.hflip > 0:
             x = random_hflip(x, aug.hflip, self.generator)
         if self.rotate:
@@ -155,5 +163,11 @@ class BatchTransform:
             x = F.interpolate(x, size=tuple(self.pre.resize), mode="bilinear", align_corners=False, antialias=True)
         if self.jitter:
             x = color_jitter(x.contiguous(), aug.color_jitter, self.generator)
-            return torch.addcmul(self.shift, x, self.unit_scale)
-        return torch.addcmul(self.shift, x, self.scale)
+            return self._affine(x, self.unit_scale)
+        return self._affine(x, self.scale)
+
+    def _affine(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """shift + scale · x per channel (a 1-channel x broadcasts to the model's channels)."""
+        if self.uniform and x.shape[1] == self.shift.shape[1]:
+            return torch.add(self.shift0, x, alpha=self.factor[id(scale)])
+        return torch.addcmul(self.shift, x, scale)
