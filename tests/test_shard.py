@@ -193,3 +193,40 @@ def test_a_plain_run_skips_a_run_another_live_process_is_training(tmp_path: Path
     finally:
         other.kill()
         other.wait()
+
+
+# ----------------------------------------------------------------------------- --jobs
+
+
+def test_jobs_trains_the_study_in_worker_processes_then_finishes_it_once(tmp_path: Path, run_cli) -> None:
+    """`classlab run --jobs 2`: two worker processes (one thread each) train disjoint halves, a run that
+    diverges fails in its worker and is not retried, and the parent alone prints the table and the report."""
+    data = make_idx_folder(tmp_path / "data", n_train=120, n_test=40)
+    study = tiny_study(tmp_path, data, seeds=[0, 1], runs=[
+        {"name": "adam"}, {"name": "sgd", "train": {"optimizer": "sgd"}},
+        {"name": "diverge", "train": {"optimizer": "sgd", "lr": 1e38}}])
+    study["train"]["epochs"] = 1
+    path = write_study(tmp_path / "study.yaml", study)
+    names = _planned_names(path)
+    env = {**os.environ, "COLUMNS": "200", "CLASSLAB_OFFLINE": "1", "CLASSLAB_DATA": str(tmp_path / "no-data")}
+    done = subprocess.run([sys.executable, "-m", "classlab.cli", "run", str(path), "--device", "cpu", "--jobs", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out  # the diverging runs failed; the others finished
+    assert "2 worker processes, 1 thread(s) each" in out
+    workers, final = out.split(f"toy: {len(names)} run(s)")  # the parent's final pass starts with this line
+    assert sorted(_trained(workers)) == sorted(names)  # every run trained once, by one worker (index mod 2)
+    assert not _trained(final) and "diverge" not in final.split("study finished")[0]  # nothing trained again
+    folder = tmp_path / "runs" / "toy"
+    failed = [n for n in names if n.startswith("diverge")]
+    assert all(RunFolder(folder / n).failed_path.is_file() for n in failed)
+    assert all(RunFolder(folder / n).is_complete for n in names if n not in failed)
+    assert out.count("toy: test set") == 1 and (folder / "report.md").is_file()  # the parent's, once
+    assert f"{len(failed)} run(s) failed" in out and not list(folder.rglob(LOCK_NAME + "*"))
+
+
+def test_jobs_with_shard_or_nproc_is_one_line_exit_2(tmp_path: Path, run_cli) -> None:
+    path = _four_run_study(tmp_path)
+    for args in (["--jobs", "2", "--shard", "0/2"], ["--jobs", "2", "--nproc", "2"], ["--jobs", "0"]):
+        code, _, err = run_cli("run", str(path), *args)
+        assert code == 2 and err.count("\n") == 1 and "--jobs" in err, err

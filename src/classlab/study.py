@@ -527,13 +527,15 @@ def shard_runs(planned: list[PlannedRun], shard: tuple[int, int]) -> list[Planne
 
 def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), device: str | None = None,
               restart: bool = False, console: Console | None = None, shard: tuple[int, int] | None = None,
-              steal_locks: bool = False) -> StudyResult:
+              steal_locks: bool = False, worker: bool = False, retry_failed: bool = True) -> StudyResult:
     """Train every run of a study file; failed runs are reported and the rest go on.
 
     `shard=(i, n)` trains only shard i of n (see `shard_runs`), so n machines can share one study folder.
     Every run is claimed with a lock file while it trains (runs.RunLock), so no two processes ever train
     the same run; a run another live process holds is skipped and listed in `busy`. Launched by torchrun,
     all processes train each run together (DDP, train/distributed.py) and rank 0 alone writes and prints.
+    `worker`: a process of `classlab run --jobs N` (a shard that leaves select / retrain to its parent);
+    `retry_failed=False` (that parent's final pass) lists runs that failed as failed instead of retraining them.
     """
     console = console or Console()
     study, cli = load_study(path, overrides)
@@ -562,9 +564,15 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dev
         failed: list[str] = []
         busy: list[str] = []
         started = time.perf_counter()
+        if not retry_failed and not restart:
+            gave_up = [p for p in mine if RunFolder(folder / p.config.name).failed_path.is_file()]
+            failed.extend(p.config.name for p in gave_up)
+            mine = [p for p in mine if p not in gave_up]
         _train_all(mine, folder, dev, console, restart, summaries, failed, busy=busy, steal_locks=steal_locks)
         selected = None
-        if study.select is not None and (shard is not None or busy):
+        if worker:  # one of `classlab run --jobs N`'s processes: its parent selects and retrains
+            pass
+        elif study.select is not None and (shard is not None or busy):
             console.print("[yellow]select / retrain_on need every run: when all are done, run this study again "
                           "without --shard (finished runs are skipped)[/]")
         elif study.select is not None and summaries:
