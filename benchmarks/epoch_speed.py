@@ -10,14 +10,17 @@ per-sample `transforms.Compose([... ToTensor(), Normalize()])`, a shuffling Data
 and 2), torch's default optimizer implementation, `.item()` per step, a validation pass per epoch
 through a DataLoader. classlab's side is `classlab.train.loop.fit` (one run) and
 `classlab.train.stacked.fit_stacked` (study D's grid) on the same data, model (same initial weights),
-optimizer and batch size, in the same process. An epoch here is one training pass plus one pass
-over the held-out split (validation for D and E, test for A, which has no validation split).
+optimizer and batch size, in the same process; the grid also as `classlab run --jobs 2` trains it (two
+processes, each stacking its half of the grid on one thread, started together). An epoch here is one
+training pass plus one pass over the held-out split (validation for D and E, test for A, which has no validation split).
 Ratios are against the notebook pipeline with num_workers 0, in wall time and in CPU time (this
 process plus its DataLoader workers: the work done, much less disturbed by other processes on a
 shared machine). Threads: the notebook runs with torch's default, classlab with its own choice
 (train/speed.py: one thread for small models), unless --threads pins both. Accuracy is on the test
 set after the same number of epochs (last epoch's weights in both). A compute floor per CNN/MLP
 (every multiply-add at the measured fp32 GEMM peak) shows how much of the CPU each pipeline uses.
+Before the studies it times the notebook's data pipeline alone against torchvision's own
+`FashionMNIST` class over the same files, to show the emulation costs what the real class costs.
 This is a benchmark, not a test: nothing is asserted.
 """
 
@@ -115,6 +118,46 @@ class NotebookFashionMNIST(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, target
+
+
+def loader_ms_per_batch(dataset: Dataset, batches: int = 150) -> float:
+    loader = DataLoader(dataset, batch_size=64, shuffle=True, num_workers=0)
+    t0, n = time.perf_counter(), 0
+    for _ in loader:
+        n += 1
+        if n == batches:
+            break
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def check_notebook_dataset(root: str, cfg: RunConfig, data: ImageData) -> dict | None:
+    """ms per batch of 64 of NotebookFashionMNIST and of torchvision's own FashionMNIST class over the same
+    IDX files (unpacked into torchvision's folder layout in a temporary folder): the emulation must cost
+    what the real class costs. None when the training files are not there."""
+    import gzip
+    import shutil
+    import tempfile
+
+    files = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+    if not all((Path(root) / f"{f}.gz").is_file() for f in files):
+        return None
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        raw = tmp / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for f in files + ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]:
+            src = Path(root) / f"{f}.gz"
+            if src.is_file():
+                (raw / f).write_bytes(gzip.decompress(src.read_bytes()))
+        tf = notebook_transforms(cfg, data, train=False)
+        real = torchvision.datasets.FashionMNIST(str(tmp), train=True, download=False, transform=tf)
+        ours = NotebookFashionMNIST(Split(real.data[:, None], real.targets), tf)
+        return {"torchvision FashionMNIST": round(loader_ms_per_batch(real), 2),
+                "NotebookFashionMNIST": round(loader_ms_per_batch(ours), 2)}
+    except RuntimeError:  # torchvision could not read the files: nothing to compare
+        return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def notebook_transforms(cfg: RunConfig, data: ImageData, train: bool):
@@ -396,6 +439,55 @@ def bench_grid(cfgs: list[RunConfig], args, rows: list[Row], cache: dict) -> Non
                         note="amortized: the group's time / 8", ref=f"notebook {cfg.name}"))
     rows.append(Row("grid", "classlab fit_stacked, 8 runs at once", hooks.clock.wall, hooks.clock.cpu,
                     mean(hooks.acc.values()), torch.get_num_threads(), note="accuracy: mean of the 8"))
+    if args.jobs > 1:
+        bench_grid_jobs(cfgs, args, rows)
+
+
+def _grid_job(job: int, jobs: int, cfgs: list[RunConfig], args, barrier) -> dict:
+    """One process of `classlab run --jobs N` on the grid: shard job/N (index mod N, as --shard), stacked, on
+    1/N of the threads; training starts when every process has loaded its data (the barrier)."""
+    torch.set_num_threads(max(1, args.default_threads // jobs))
+    mine = cfgs[job::jobs]
+    data, _ = with_held_out(subset(load_dataset(mine[0].data), args.subset))
+    mine = [c.model_copy(update={"train": c.train.model_copy(update={"epochs": args.epochs, "threads": None})})
+            for c in mine]
+    built = [fresh_model(c, data) for c in mine]
+    models, pre = [m for m, _ in built], built[0][1]
+    hooks = EpochHooks(models, mine, data, pre)
+    barrier.wait()
+    hooks.clock.mark()
+    if len(mine) == 1:
+        fit(models[0], data, mine[0], pre, CPU, on_epoch_end=lambda row, state: hooks(0, row, state))
+    else:
+        fit_stacked(models, data, mine, pre, CPU, on_epoch_end=hooks)
+    return {"wall": hooks.clock.wall, "cpu": hooks.clock.cpu, "acc": [hooks.acc[k] for k in range(len(mine))],
+            "threads": torch.get_num_threads(), "names": [c.name for c in mine]}
+
+
+def bench_grid_jobs(cfgs: list[RunConfig], args, rows: list[Row]) -> None:
+    """The grid as `classlab run --jobs N` trains it: N processes at once, each stacking its shard."""
+    import multiprocessing as mp
+
+    jobs = args.jobs
+    print(f"[grid] classlab --jobs {jobs}: {jobs} processes × fit_stacked (load {load_avg()})", flush=True)
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Manager().Barrier(jobs)
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(max(1, args.default_threads // jobs))  # as --jobs starts its workers
+    try:
+        with ctx.Pool(jobs) as pool:
+            results = pool.starmap(_grid_job, [(j, jobs, cfgs, args, barrier) for j in range(jobs)])
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    wall = [max(per) for per in zip(*(r["wall"] for r in results), strict=True)]  # all run at once: the slowest
+    cpu = [sum(per) for per in zip(*(r["cpu"] for r in results), strict=True)]
+    accs = [a for r in results for a in r["acc"]]
+    per = ", ".join(f"{len(r['names'])} runs" for r in results)
+    rows.append(Row("grid", f"classlab --jobs {jobs} ({per}, stacked)", wall, cpu, mean(accs), results[0]["threads"],
+                    note="accuracy: mean of the 8; wall: the slower process's epoch"))
 
 
 def mean(xs) -> float:
@@ -417,7 +509,9 @@ def table(rows: list[Row], header: dict) -> str:
     lines = [f"date {h['date']}, {h['machine']}, torch {h['torch']}, torchvision {h['torchvision']}, "
              f"threads: {h['threads']}, fp32 GEMM peak {h['peak_gflops']} GFLOP/s, epochs {h['epochs']}, "
              f"train subset {h['subset'] or 'all'}",
-             f"load average (1, 5, 15 min) at start {h['load_start']}, at end {h['load_end']}", "",
+             f"load average (1, 5, 15 min) at start {h['load_start']}, at end {h['load_end']}",
+             f"notebook data pipeline alone, ms per batch of 64: "
+             f"{h.get('data ms per batch of 64 (shuffled DataLoader, num_workers 0)')}", "",
              "| study | pipeline | threads | wall s/epoch | × (wall) | CPU s/epoch | × (CPU) | test acc | note |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -441,6 +535,8 @@ def main() -> None:
     parser.add_argument("--grid-one-by-one", action="store_true", help="also time classlab fit on the 8 cells in turn")
     parser.add_argument("--noise-seeds", type=int, default=8,
                         help="study D: also train this many seeds (stacked) to measure seed noise; 0 to skip")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="the grid also as `classlab run --jobs N` trains it (N processes); 1 to skip")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     args.subset = None
@@ -458,6 +554,11 @@ def main() -> None:
               "peak_gflops": round(args.peak / 1e9, 1), "epochs": args.epochs, "subset": args.subset,
               "load_start": load_avg()}
     cfgs = study_configs(str(Path(args.data).expanduser()))
+    torch.set_num_threads(args.threads or args.default_threads)
+    d = cfgs["D"][0]
+    check = check_notebook_dataset(str(Path(args.data).expanduser()), d, load_dataset(d.data))
+    header["data ms per batch of 64 (shuffled DataLoader, num_workers 0)"] = check
+    print(f"notebook data pipeline, ms per batch of 64: {check}", flush=True)
     rows: list[Row] = []
     cache: dict = {}
     for key in args.studies:
