@@ -619,7 +619,7 @@ def test_non_finite_loss_fails_that_run_and_the_study_goes_on(tmp_path: Path, ru
     lines = [line for line in (out + err).splitlines() if "non-finite" in line]
     assert lines, out + err
     assert len(lines) == 1, lines
-    for needle in ("failed: run 'boom'", "epoch 1, step ", "learning rate 1e+06", "lower train.lr"):
+    for needle in ("failed: run 'boom'", "epoch 1, by step ", "learning rate 1e+06", "lower train.lr"):
         assert needle in lines[0], lines[0]
     assert "1 run(s) failed: boom" in err and "failed.json" in err  # the closing line names the failed run
     study = tmp_path / "runs" / "toy"

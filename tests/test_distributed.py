@@ -241,13 +241,13 @@ def test_shard_losses_average_to_the_whole_batch_gradient(size: int) -> None:
     model = torch.nn.Linear(6, 3)
     x, y = torch.randn(size, 6), torch.randint(0, 3, (size,))
     tc = TrainConfig()
-    whole, _ = _step_loss(model(x), y, tc, size, 1)
+    whole, _, _ = _step_loss(model(x), y, tc, size, 1)
     want = torch.autograd.grad(whole, list(model.parameters()))
     world = 2
     grads = []
     for rank in range(world):
         idx = _shard(torch.arange(size), rank, world)
-        loss, _ = _step_loss(model(x[idx]), y[idx], tc, size, world)
+        loss, _, _ = _step_loss(model(x[idx]), y[idx], tc, size, world)
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     for i, w in enumerate(want):
         assert torch.allclose(sum(g[i] for g in grads) / world, w, atol=1e-6)
