@@ -230,3 +230,30 @@ def test_jobs_with_shard_or_nproc_is_one_line_exit_2(tmp_path: Path, run_cli) ->
     for args in (["--jobs", "2", "--shard", "0/2"], ["--jobs", "2", "--nproc", "2"], ["--jobs", "0"]):
         code, _, err = run_cli("run", str(path), *args)
         assert code == 2 and err.count("\n") == 1 and "--jobs" in err, err
+
+
+def test_jobs_selects_and_retrains_once_and_restart_redoes_everything(tmp_path: Path) -> None:
+    data = make_idx_folder(tmp_path / "data", n_train=120, n_test=40)
+    study = tiny_study(tmp_path, data, runs=[{"name": "adam"}, {"name": "sgd", "train": {"optimizer": "sgd"}}],
+                       select={"metric": "val_accuracy"}, retrain_on="train+val")
+    study["train"]["epochs"] = 1
+    path = write_study(tmp_path / "study.yaml", study)
+    env = {**os.environ, "COLUMNS": "200", "CLASSLAB_OFFLINE": "1", "CLASSLAB_DATA": str(tmp_path / "no-data")}
+    cmd = [sys.executable, "-m", "classlab.cli", "run", str(path), "--device", "cpu", "--jobs", "2"]
+
+    def run(*extra: str) -> str:
+        done = subprocess.run([*cmd, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    out = run()
+    folder = tmp_path / "runs" / "toy"
+    retrained = [p for p in folder.iterdir() if p.name.startswith("retrain-")]
+    assert len(retrained) == 1 and out.count("selected ") == 1 and RunFolder(retrained[0]).is_complete
+    stamps = {p.name: (p / "summary.json").stat().st_mtime_ns for p in folder.iterdir() if p.is_dir()
+              and (p / "summary.json").is_file()}
+    assert len(stamps) == 3
+    run()  # nothing to do: every run is reused
+    assert stamps == {n: (folder / n / "summary.json").stat().st_mtime_ns for n in stamps}
+    run("--restart")  # every run again, the retrain run included
+    assert all((folder / n / "summary.json").stat().st_mtime_ns != t for n, t in stamps.items())

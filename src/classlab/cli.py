@@ -100,13 +100,15 @@ def run(
             raise ClasslabError("--jobs and --shard: choose one (--jobs shards the study on this machine itself)")
         code = _run_jobs(jobs, path, flags, restart)
         if code == 130:
-            _interrupted(study, flags)
+            _interrupted(study, [*flags, f"--jobs={jobs}"])
         if code not in (0, 1):  # 1: some run failed, the rest are done; the final pass below lists them
             raise typer.Exit(code)
-        restart = False  # the workers restarted what was asked; the final pass only collects and finishes
+    # after --jobs the workers have trained (or restarted) every run: the final pass collects them, selects,
+    # and (re)trains only the retrain run
     try:
-        result = run_study(path, override, device=device, restart=restart, console=console, shard=shard_at,
-                           steal_locks=steal_locks, worker=worker, retry_failed=jobs == 1)
+        result = run_study(path, override, device=device, restart=restart and jobs == 1, console=console,
+                           shard=shard_at, steal_locks=steal_locks, worker=worker, retry_failed=jobs == 1,
+                           restart_retrain=restart and jobs != 1)
         if worker:
             raise typer.Exit(1 if result.failed else 0)
         if result.writer and result.summaries:

@@ -527,7 +527,8 @@ def shard_runs(planned: list[PlannedRun], shard: tuple[int, int]) -> list[Planne
 
 def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), device: str | None = None,
               restart: bool = False, console: Console | None = None, shard: tuple[int, int] | None = None,
-              steal_locks: bool = False, worker: bool = False, retry_failed: bool = True) -> StudyResult:
+              steal_locks: bool = False, worker: bool = False, retry_failed: bool = True,
+              restart_retrain: bool = False) -> StudyResult:
     """Train every run of a study file; failed runs are reported and the rest go on.
 
     `shard=(i, n)` trains only shard i of n (see `shard_runs`), so n machines can share one study folder.
@@ -535,7 +536,8 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dev
     the same run; a run another live process holds is skipped and listed in `busy`. Launched by torchrun,
     all processes train each run together (DDP, train/distributed.py) and rank 0 alone writes and prints.
     `worker`: a process of `classlab run --jobs N` (a shard that leaves select / retrain to its parent);
-    `retry_failed=False` (that parent's final pass) lists runs that failed as failed instead of retraining them.
+    `retry_failed=False` (that parent's final pass) lists runs that failed as failed instead of retraining them,
+    and `restart_retrain` retrains the selected variant from scratch even when `restart` is off.
     """
     console = console or Console()
     study, cli = load_study(path, overrides)
@@ -582,8 +584,8 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dev
                 else f"by {study.select.metric}"
             console.print(f"[bold]selected[/] {selected} {how}")
             if study.retrain_on == "train+val":
-                _train_all(retrain_plan(planned, selected, str(path)), folder, dev, console, restart, summaries,
-                           failed, busy=busy, steal_locks=steal_locks)
+                _train_all(retrain_plan(planned, selected, str(path)), folder, dev, console,
+                           restart or restart_retrain, summaries, failed, busy=busy, steal_locks=steal_locks)
         console.print(f"[dim]study finished in {time.perf_counter() - started:.1f}s[/]")
         waiting = [p.config.name for p in planned
                    if not RunFolder(folder / p.config.name).is_complete
