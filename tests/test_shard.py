@@ -257,3 +257,41 @@ def test_jobs_selects_and_retrains_once_and_restart_redoes_everything(tmp_path: 
     assert stamps == {n: (folder / n / "summary.json").stat().st_mtime_ns for n in stamps}
     run("--restart")  # every run again, the retrain run included
     assert all((folder / n / "summary.json").stat().st_mtime_ns != t for n, t in stamps.items())
+
+
+def test_ctrl_c_under_jobs_stops_every_worker_and_the_same_command_resumes(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole foreground process group: the workers save and exit, the parent alone
+    prints the one-line resume command (with --jobs), and that command finishes the study."""
+    import signal
+
+    data = make_idx_folder(tmp_path / "data", n_train=8000, n_test=200)
+    study = tiny_study(tmp_path, data, runs=[{"name": "adam"}, {"name": "sgd", "train": {"optimizer": "sgd"}}])
+    study["train"]["epochs"] = 8  # Ctrl-C comes after epoch 1: ample margin on a fast machine
+    path = write_study(tmp_path / "study.yaml", study)
+    env = {**os.environ, "COLUMNS": "200", "CLASSLAB_OFFLINE": "1", "CLASSLAB_DATA": str(tmp_path / "no-data")}
+    cmd = [sys.executable, "-m", "classlab.cli", "run", str(path), "--device", "cpu", "--jobs", "2"]
+    err_path = tmp_path / "first.stderr"
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True,  # its own process group, as a terminal's job
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    folder = tmp_path / "runs" / "toy"
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not all((folder / n / "metrics.jsonl").is_file() for n in ("adam", "sgd")):
+            assert proc.poll() is None, err_path.read_text()
+            assert time.monotonic() < deadline, "epoch 1 took too long"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        code = proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [line for line in err_path.read_text().splitlines() if line.strip()]
+    assert code == 130 and len(lines) == 1, lines
+    assert lines[0].startswith("interrupted: every finished epoch is saved") and "--jobs=2" in lines[0]
+    assert not any(RunFolder(folder / n).is_complete for n in ("adam", "sgd"))
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming after epoch" in again.stdout
+    assert all(RunFolder(folder / n).is_complete for n in ("adam", "sgd"))
