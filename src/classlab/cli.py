@@ -143,58 +143,52 @@ def _run_jobs(jobs: int, path: Path, flags: list[str], restart: bool) -> int:
     Python and per-op dispatch, which one process runs on one core whatever its thread count; N processes
     run N of them at once (study D's 8-cell grid: 2 processes × 4 stacked runs on one thread each train
     1.2× faster than 8 stacked runs on 2 threads, see benchmarks/RESULTS.md). Returns the worst exit code."""
-    from classlab.config import load_study
-    from classlab.study import expand
+    import torch
 
     if jobs < 1:
         raise ClasslabError(f"--jobs {jobs}: give at least 1 process")
-    overrides = [flags[i + 1] for i, f in enumerate(flags) if f == "-o"]
-    cfg, cli = load_study(path, overrides)  # bad input: one line and exit code 2 here, not N times
-    expand(cfg, cli, where=str(path))
-    threads = str(max(1, torch_threads() // jobs))
+    _check_study(path, flags)
+    threads = str(max(1, torch.get_num_threads() // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     console.print(f"{jobs} worker processes, {threads} thread(s) each", style="dim", markup=False, highlight=False)
     procs = [subprocess.Popen([sys.executable, "-m", "classlab.cli", "run", str(path), *flags, f"--shard={i}/{jobs}",
                                "--worker", *(["--restart"] if restart else [])], env=env) for i in range(jobs)]
-    codes = []
-    for proc in procs:
-        while True:
-            try:
-                codes.append(proc.wait())
-                break
-            except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them save and exit
-                continue
+    codes = [_wait(proc) for proc in procs]
     return 130 if 130 in codes else max(codes)
 
 
-def torch_threads() -> int:
-    import torch
+def _check_study(path: Path, flags: list[str]) -> None:
+    """Load and expand the study before starting other processes: bad input is one line and exit code 2
+    here, not once per process."""
+    from classlab.config import load_study
+    from classlab.study import expand
 
-    return torch.get_num_threads()
+    overrides = [flags[i + 1] for i, f in enumerate(flags) if f == "-o"]
+    cfg, cli = load_study(path, overrides)
+    expand(cfg, cli, where=str(path))
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """The child's exit code. Ctrl-C reaches the children too (same process group): let them save and exit."""
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def _torchrun(nproc: int, path: Path, flags: list[str]) -> int:
     """`classlab run --nproc N ...`: the same command again under PyTorch's torchrun, N processes on this
     machine (`--standalone` picks a free rendezvous port); returns torchrun's exit code."""
-    from classlab.config import load_study
-    from classlab.study import expand
-
     if nproc < 1:
         raise ClasslabError(f"--nproc {nproc}: give at least 1 process")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ClasslabError("--nproc: this process was already started by torchrun; drop --nproc")
-    overrides = [flags[i + 1] for i, f in enumerate(flags) if f == "-o"]
-    cfg, cli = load_study(path, overrides)  # bad input: one line and exit code 2 here, not N times from torchrun
-    expand(cfg, cli, where=str(path))
+    _check_study(path, flags)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "classlab.cli", "run", str(path), *flags]
     console.print(shlex.join(cmd), style="dim", markup=False, highlight=False)
-    proc = subprocess.Popen(cmd)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached torchrun and its workers too: let them save and exit
-            continue
+    return _wait(subprocess.Popen(cmd))
 
 
 def _report_when_ready(result: StudyResult) -> None:

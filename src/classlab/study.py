@@ -572,12 +572,11 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), dev
             mine = [p for p in mine if p not in gave_up]
         _train_all(mine, folder, dev, console, restart, summaries, failed, busy=busy, steal_locks=steal_locks)
         selected = None
-        if worker:  # one of `classlab run --jobs N`'s processes: its parent selects and retrains
-            pass
-        elif study.select is not None and (shard is not None or busy):
+        select = study.select is not None and not worker  # a --jobs worker leaves it to its parent
+        if select and (shard is not None or busy):
             console.print("[yellow]select / retrain_on need every run: when all are done, run this study again "
                           "without --shard (finished runs are skipped)[/]")
-        elif study.select is not None and summaries:
+        elif select and summaries:
             best = select_variant(summaries, study.select.metric)
             selected = study.select.variant or best
             how = f"pinned in the study ({study.select.metric} picks {best})" if study.select.variant \

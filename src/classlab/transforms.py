@@ -131,8 +131,7 @@ class BatchTransform:
         # kernel (study D's batch: 14 µs against 39 µs broadcasting per-channel tensors, 44 µs in four ops)
         self.uniform = bool((mean == mean.flatten()[0]).all() and (std == std.flatten()[0]).all())
         self.shift0 = self.shift.flatten()[0].clone()
-        self.factor = {id(self.scale): float(self.scale.flatten()[0]),  # python floats: no device sync per batch
-                       id(self.unit_scale): float(self.unit_scale.flatten()[0])}
+        self.factors = (float(self.scale.flatten()[0]), float(self.unit_scale.flatten()[0]))  # no sync per batch
         self.perm = torch.tensor(pre.permutation, device=device) if pre.permutation is not None else None
         aug = self.augment
         self.jitter = aug is not None and aug.color_jitter is not None
@@ -143,11 +142,11 @@ class BatchTransform:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         aug = self.augment
         if self.normalize_first:
-            x = self._affine(x, self.scale)  # uint8 in, normalized float out
+            x = self._affine(x, unit=False)  # uint8 in, normalized float out
         elif self.jitter:
             x = x.float().div_(255)  # colour jitter works on [0, 1]
         else:
-            x = x.float()  # rotation and resizing: plain pixel values, the 1/255 is in the final scale
+            x = x.float()  # rotation and resizing: 0..255, the 1/255 is in the final scale
         if aug is not None and aug.hflip > 0:
             x = random_hflip(x, aug.hflip, self.generator)
         if self.rotate:
@@ -155,19 +154,19 @@ class BatchTransform:
         if self.perm is not None:
             n, c, h, w = x.shape
             x = x.reshape(n, c, h * w)[:, :, self.perm].reshape(n, c, h, w)
-        if self.normalize_first:
-            return x.expand(-1, 3, -1, -1) if self.pre.to_rgb and x.shape[1] == 1 else x
         if self.pre.to_rgb and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
+        if self.normalize_first:
+            return x
         if self.resize and tuple(x.shape[-2:]) != tuple(self.pre.resize):
             x = F.interpolate(x, size=tuple(self.pre.resize), mode="bilinear", align_corners=False, antialias=True)
         if self.jitter:
             x = color_jitter(x.contiguous(), aug.color_jitter, self.generator)
-            return self._affine(x, self.unit_scale)
-        return self._affine(x, self.scale)
+        return self._affine(x, unit=self.jitter)
 
-    def _affine(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """shift + scale · x per channel (a 1-channel x broadcasts to the model's channels)."""
+    def _affine(self, x: torch.Tensor, unit: bool) -> torch.Tensor:
+        """shift + scale · x per channel, x in [0, 1] (`unit`) or 0..255; a 1-channel x broadcasts to the
+        model's channels."""
         if self.uniform and x.shape[1] == self.shift.shape[1]:
-            return torch.add(self.shift0, x, alpha=self.factor[id(scale)])
-        return torch.addcmul(self.shift, x, scale)
+            return torch.add(self.shift0, x, alpha=self.factors[unit])
+        return torch.addcmul(self.shift, x, self.unit_scale if unit else self.scale)
