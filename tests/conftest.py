@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import signal
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +88,15 @@ def write_study(path: Path, study: dict) -> Path:
     return path
 
 
+def demo_study_copy(root: Path) -> Path:
+    """The bundled demo study as root/demo.yaml, its runs going to root/runs (study folder root/runs/demo)."""
+    from classlab.cli import demo_study
+
+    study = yaml.safe_load(demo_study().read_text())
+    study["out_dir"] = str(root / "runs")
+    return write_study(root / "demo.yaml", study)
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run `classlab ARGS` in-process; returns (exit_code, stdout, stderr)."""
@@ -101,3 +115,75 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return _run
+
+
+# ----------------------------------------------------------------------------- `classlab run` in a subprocess
+
+TINY_RUN = Path("toy") / "base"  # tiny_study's run folder below out_dir: <out_dir>/<study>/<run>
+PROCESS_TIMEOUT = 300
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def kill_tree(popen: subprocess.Popen) -> None:
+    """SIGKILL a process and everything below it (by ancestry first, then its group when it leads one)."""
+    for pid in [*descendants(popen.pid), popen.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(popen.pid) == popen.pid:
+            os.killpg(popen.pid, signal.SIGKILL)
+    popen.wait()
+
+
+@dataclass
+class CliRun:
+    """One `classlab run` in a subprocess, its output in files (a full pipe can never stall it)."""
+
+    out_dir: Path
+    popen: subprocess.Popen
+    stdout: Path
+    stderr: Path
+
+    @property
+    def run(self) -> Path:
+        return self.out_dir / TINY_RUN
+
+    def wait(self) -> int:
+        try:
+            return self.popen.wait(timeout=PROCESS_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            kill_tree(self.popen)
+            raise
+
+    def output(self) -> str:
+        return self.stdout.read_text() + self.stderr.read_text()
+
+
+def start_cli_run(study: Path, out_dir: Path, env: dict[str, str], tag: str, *extra: str) -> CliRun:
+    """`classlab run STUDY -o out_dir=OUT_DIR --device cpu EXTRA...` in a session of its own (so a kill reaches
+    torchrun and its workers at once), with SIGINT reset to its default in the child, so Python turns it
+    into KeyboardInterrupt even when the test runner itself was started in the background (where SIGINT
+    is ignored and inherited)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stdout, stderr = out_dir / f"{tag}.stdout", out_dir / f"{tag}.stderr"
+    cmd = [sys.executable, "-m", "classlab.cli", "run", str(study), "-o", f"out_dir={out_dir}", "--device", "cpu",
+           *extra]
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        popen = subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=out, stderr=err, start_new_session=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return CliRun(out_dir, popen, stdout, stderr)

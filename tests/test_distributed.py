@@ -9,12 +9,8 @@ All four `classlab run`s start together; the module costs about as long as its s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,11 +22,10 @@ import torch
 
 from classlab.runs import LOCK_NAME, safe_torch_load
 from classlab.train.loop import _shard, _step_loss
-from tests.conftest import make_idx_folder, tiny_study, write_study
+from tests.conftest import CliRun, kill_tree, make_idx_folder, start_cli_run, tiny_study, write_study
 
 EPOCHS = 4
 BATCH = 37  # 2 processes: 19 + 18 per step, and the last batch of the epoch splits unevenly too
-RUN = Path("toy") / "base"
 TIMEOUT = 300
 ROW_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "best")
 
@@ -66,42 +61,6 @@ if _watch and _record:
 '''
 
 
-@dataclass
-class Proc:
-    out_dir: Path
-    popen: subprocess.Popen
-    log: Path
-
-    @property
-    def run(self) -> Path:
-        return self.out_dir / RUN
-
-    def wait(self) -> int:
-        try:
-            return self.popen.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for pid in _descendants(self.popen.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            raise
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-
-def _start(study: Path, out_dir: Path, env: dict[str, str], tag: str, *extra: str) -> Proc:
-    """In its own session, so a kill reaches torchrun and all its workers at once."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = out_dir / f"{tag}.log"
-    cmd = [sys.executable, "-m", "classlab.cli", "run", str(study), "-o", f"out_dir={out_dir}", "--device", "cpu",
-           *extra]
-    with log.open("wb") as f:
-        popen = subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    return Proc(out_dir, popen, log)
-
-
 def _epochs_saved(run: Path) -> list[int]:
     path = run / "metrics.jsonl"
     return [json.loads(line)["epoch"] for line in path.read_text().splitlines()] if path.is_file() else []
@@ -113,31 +72,15 @@ def _rows(run: Path) -> list[dict]:
 
 @dataclass
 class Runs:
-    single: Proc
-    ddp: Proc
-    resumed: Proc
+    single: CliRun
+    ddp: CliRun
+    resumed: CliRun
     records: Path
     killed_at_epoch: int
     killed_complete: bool
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts its workers in sessions of their own)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def _kill_after_epoch_1(proc: Proc) -> tuple[int, bool]:
+def _kill_after_epoch_1(proc: CliRun) -> tuple[int, bool]:
     """SIGKILL torchrun and its workers as soon as epoch 1 is saved; returns (epoch in last.pt, complete)."""
     deadline = time.monotonic() + TIMEOUT
     while 1 not in _epochs_saved(proc.run):
@@ -147,10 +90,7 @@ def _kill_after_epoch_1(proc: Proc) -> tuple[int, bool]:
         if time.monotonic() > deadline:
             pytest.fail("epoch 1 took too long")
         time.sleep(0.01)
-    for pid in [*_descendants(proc.popen.pid), proc.popen.pid]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.popen.wait()
+    kill_tree(proc.popen)
     time.sleep(0.2)  # the orphaned workers are gone (and reaped, or zombies, which count as dead)
     return int(safe_torch_load(proc.run / "checkpoints" / "last.pt")["epoch"]), (proc.run / "summary.json").exists()
 
@@ -171,20 +111,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
            "TORCH_HOME": str(tmp / "torch-home"), "OMP_NUM_THREADS": "1"}
     watched = {**env, "PYTHONPATH": os.pathsep.join([str(hook), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                "WATCH_WRITES": str(tmp / "ddp"), "RECORD_WRITES": str(records)}
-    procs = [_start(path, tmp / "single", env, "run"), _start(path, tmp / "ddp", watched, "run", "--nproc", "2"),
-             _start(path, tmp / "killed", env, "first", "--nproc", "2")]
+    procs = [start_cli_run(path, tmp / "single", env, "run"),
+             start_cli_run(path, tmp / "ddp", watched, "run", "--nproc", "2"),
+             start_cli_run(path, tmp / "killed", env, "first", "--nproc", "2")]
     try:
         epoch, complete = _kill_after_epoch_1(procs[2])
-        procs.append(_start(path, tmp / "killed", env, "again", "--nproc", "2"))
+        procs.append(start_cli_run(path, tmp / "killed", env, "again", "--nproc", "2"))
         yield Runs(procs[0], procs[1], procs[3], records, epoch, complete)
     finally:
         for proc in procs:  # torchrun's workers live in sessions of their own: kill them by ancestry first
             if proc.popen.poll() is None:
-                for pid in _descendants(proc.popen.pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait()
+                kill_tree(proc.popen)
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(runs: Runs) -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,47 +20,10 @@ import numpy as np
 import pytest
 
 from classlab.runs import safe_torch_load
-from tests.conftest import make_idx_folder, tiny_study, write_study
+from tests.conftest import CliRun, make_idx_folder, start_cli_run, tiny_study, write_study
 
 EPOCHS = 3
-RUN = Path("toy") / "base"  # <out_dir>/<study>/<run>
 TIMEOUT = 300
-
-
-@dataclass
-class Proc:
-    """One `classlab run` with its output in files (a full pipe can never stall it)."""
-
-    out_dir: Path
-    popen: subprocess.Popen
-    stdout: Path
-    stderr: Path
-
-    @property
-    def run(self) -> Path:
-        return self.out_dir / RUN
-
-    def wait(self) -> int:
-        try:
-            return self.popen.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            raise
-
-    def output(self) -> str:
-        return self.stdout.read_text() + self.stderr.read_text()
-
-
-def _start(study: Path, out_dir: Path, env: dict[str, str], tag: str) -> Proc:
-    """SIGINT is reset to its default in the child, so Python turns it into KeyboardInterrupt even when
-    the test runner itself was started in the background (where SIGINT is ignored and inherited)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stdout, stderr = out_dir / f"{tag}.stdout", out_dir / f"{tag}.stderr"
-    cmd = [sys.executable, "-m", "classlab.cli", "run", str(study), "-o", f"out_dir={out_dir}", "--device", "cpu"]
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        popen = subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=out, stderr=err,
-                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    return Proc(out_dir, popen, stdout, stderr)
 
 
 def _epochs_in_metrics(run: Path) -> list[int]:
@@ -80,10 +41,10 @@ class Interruption:
     metric_epochs: list[int]
     complete: bool
     temp_files: list[str]
-    rerun: Proc | None = field(default=None, repr=False)
+    rerun: CliRun | None = field(default=None, repr=False)
 
 
-def _interrupt_in_epoch_2(victims: dict[signal.Signals, Proc]) -> dict[signal.Signals, Interruption]:
+def _interrupt_in_epoch_2(victims: dict[signal.Signals, CliRun]) -> dict[signal.Signals, Interruption]:
     """Poll until each run has saved epoch 1 (metrics.jsonl is written after last.pt), then signal it."""
     pending = dict(victims)
     deadline = time.monotonic() + TIMEOUT
@@ -113,7 +74,7 @@ def _interrupt_in_epoch_2(victims: dict[signal.Signals, Proc]) -> dict[signal.Si
 @dataclass
 class Faults:
     study: Path
-    reference: Proc
+    reference: CliRun
     killed: Interruption
     interrupted: Interruption
 
@@ -130,14 +91,14 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faults]:
     path = write_study(tmp / "study.yaml", study)
     env = {**os.environ, "CLASSLAB_OFFLINE": "1", "CLASSLAB_DATA": str(tmp / "no-data"),
            "TORCH_HOME": str(tmp / "torch-home"), "COLUMNS": "200"}
-    reference = _start(path, tmp / "reference", env, "first")
-    victims = {signal.SIGKILL: _start(path, tmp / "killed", env, "first"),
-               signal.SIGINT: _start(path, tmp / "interrupted", env, "first")}
+    reference = start_cli_run(path, tmp / "reference", env, "first")
+    victims = {signal.SIGKILL: start_cli_run(path, tmp / "killed", env, "first"),
+               signal.SIGINT: start_cli_run(path, tmp / "interrupted", env, "first")}
     procs = [reference, *victims.values()]
     try:
         done = _interrupt_in_epoch_2(victims)
         for sig, proc in victims.items():
-            done[sig].rerun = _start(path, proc.out_dir, env, "again")
+            done[sig].rerun = start_cli_run(path, proc.out_dir, env, "again")
             procs.append(done[sig].rerun)
         yield Faults(path, reference, done[signal.SIGKILL], done[signal.SIGINT])
     finally:
@@ -153,7 +114,7 @@ def _assert_saved_epoch_1_only(state: Interruption) -> None:
     assert not state.complete
 
 
-def _assert_resumed_and_equal(state: Interruption, reference: Proc) -> None:
+def _assert_resumed_and_equal(state: Interruption, reference: CliRun) -> None:
     assert state.rerun is not None
     assert state.rerun.wait() == 0, state.rerun.output()
     assert "resuming after epoch 1" in state.rerun.stdout.read_text()

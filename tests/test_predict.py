@@ -19,11 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from rich.console import Console
 
-from classlab.cli import demo_study
 from classlab.config import DataConfig
 from classlab.data import load_dataset
 from classlab.errors import ClasslabError
@@ -40,6 +38,7 @@ from classlab.photo import (
 )
 from classlab.predict import load_run, model_input, photo_options, predict_paths
 from classlab.study import run_study
+from tests.conftest import demo_study_copy
 
 SCALE, OFFSET, CANVAS = 5, (37, 11), (200, 160)  # ×5 upscale, pasted at x=37, y=11 on a 200×160 page
 EASY_CLASSES = ("Trouser", "Bag", "Sneaker", "Ankle boot")
@@ -49,10 +48,7 @@ EASY_CLASSES = ("Trouser", "Bag", "Sneaker", "Ankle boot")
 def demo_runs(tmp_path_factory) -> Path:
     """The bundled demo study (original + permuted), 2 epochs on CPU: trained once for this module."""
     root = tmp_path_factory.mktemp("predict")
-    study = yaml.safe_load(demo_study().read_text())
-    study["out_dir"] = str(root / "runs")
-    path = root / "demo.yaml"
-    path.write_text(yaml.safe_dump(study))
+    path = demo_study_copy(root)
     torch.set_num_threads(2)
     run_study(path, ["train.epochs=2"], device="cpu", console=Console(file=io.StringIO()))
     return root / "runs" / "demo"

@@ -20,7 +20,7 @@ from classlab.report.load import RunData
 from classlab.report.plots import learning_curves
 from classlab.report.render import md_escape
 from classlab.report.sanity import sanity_notes
-from tests.conftest import make_idx_folder, tiny_study, write_study
+from tests.conftest import demo_study_copy, make_idx_folder, tiny_study, write_study
 
 EVIL = "<script>alert(1)</script>"
 
@@ -38,13 +38,8 @@ def _cli(*args: str) -> int:
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory) -> Path:
     """The bundled demo study, trained once for this module: 1 epoch on 600 / 200 images."""
-    from classlab.cli import demo_study
-
     root = tmp_path_factory.mktemp("demo")
-    study = yaml.safe_load(demo_study().read_text())
-    study["out_dir"] = str(root / "runs")
-    path = root / "demo.yaml"
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    path = demo_study_copy(root)
     code = _cli("run", str(path), "-o", "train.epochs=1", "-o", "data.subset={train: 600, test: 200}")
     assert code == 0
     return root / "runs" / "demo"
