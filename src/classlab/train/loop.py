@@ -7,7 +7,6 @@ progress update and once per epoch.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -20,12 +19,14 @@ from torch import nn
 from classlab.config import RunConfig, TrainConfig
 from classlab.data import ImageData, Split
 from classlab.errors import ClasslabError, RunFailed
+from classlab.evaluate import predict_logits
 from classlab.models.freeze import frozen_batchnorm_to_eval, parameter_groups
 from classlab.train import distributed
 from classlab.train.callbacks import EarlyStopper
 from classlab.train.checkpoint import rng_state, set_rng_state
+from classlab.train.device import autocast
 from classlab.train.optim import build_optimizer, build_scheduler, l1_penalty, loss_fn
-from classlab.train.speed import channels_last_input, cpu_threads_for, is_channels_last, to_channels_last
+from classlab.train.speed import channels_last_input, cpu_threads_for, to_channels_last
 from classlab.transforms import BatchTransform, Preprocess
 
 
@@ -36,40 +37,6 @@ class FitResult:
     stopped_early: bool
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from classlab.errors import ClasslabError
-
-        raise ClasslabError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA (no loss scaling needed); on CPU nothing (a null context: entering a disabled
-    torch.autocast costs microseconds per step, which a small model's step notices)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int,
-                   device: torch.device, amp: bool = True) -> torch.Tensor:
-    """Logits for a whole uint8 set, in large batches, with the model in eval mode."""
-    was_training = model.training
-    model.eval()
-    channels_last = is_channels_last(model)
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = channels_last_input(transform(images[i : i + batch_size].to(device, non_blocking=True)), channels_last)
-        with autocast(device, amp):
-            out.append(model(x).float())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
 
 
 def evaluate_split(model: nn.Module, split: Split, transform: BatchTransform, cfg: RunConfig,
