@@ -8,8 +8,8 @@ The notebook pipeline is what the studies' notebooks do: a torchvision FashionMN
 over the same uint8 tensors (a PIL image per sample, as torchvision's `__getitem__` makes it),
 per-sample `transforms.Compose([... ToTensor(), Normalize()])`, a shuffling DataLoader (num_workers 0
 and 2), torch's default optimizer implementation, `.item()` per step, a validation pass per epoch
-through a DataLoader. classlab's side is `classlab.train.loop.fit` (one run) and
-`classlab.train.stacked.fit_stacked` (study D's grid) on the same data, model (same initial weights),
+through a DataLoader. classlab's side is `classlab.train.fit.fit` (one run, K = 1) and
+the same `fit` with all of study D's grid cells as one member stack on the same data, model (same initial weights),
 optimizer and batch size, in the same process; the grid also as `classlab run --jobs 2` trains it (two
 processes, each stacking its half of the grid on one thread, started together). An epoch here is one
 training pass plus one pass over the held-out split (validation for D and E, test for A, which has no validation split).
@@ -47,12 +47,12 @@ from torchvision import transforms
 
 from classlab.config import RunConfig, validate
 from classlab.data import ImageData, Split, load_dataset
+from classlab.evaluate import evaluate_test
 from classlab.models import build_model
-from classlab.study import preprocess_for
-from classlab.train.loop import evaluate_split, fit
+from classlab.plan import can_stack
+from classlab.train.fit import fit
 from classlab.train.speed import forward_macs
-from classlab.train.stacked import can_stack, fit_stacked
-from classlab.transforms import BatchTransform
+from classlab.transforms import BatchTransform, preprocess_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "fashion-mnist"
@@ -253,11 +253,13 @@ def notebook_evaluate(model: nn.Module, loader: DataLoader) -> float:
 
 
 def classlab_test_acc(model: nn.Module, cfg: RunConfig, data: ImageData, pre) -> float:
-    return evaluate_split(model, data.test, BatchTransform(pre, None, CPU), cfg, CPU)[1]
+    test = evaluate_test(model, data.test.images, data.test.labels, BatchTransform(pre, None, CPU), cfg.train,
+                         len(data.classes), CPU)
+    return test.metrics["accuracy"]
 
 
 class EpochHooks:
-    """on_epoch_end hooks for fit / fit_stacked: a clock lap when an epoch ends (before any other work)
+    """on_epoch_end hooks for fit / fit stacked: a clock lap when an epoch ends (before any other work)
     and, after the last epoch, each model's test accuracy (fit would later restore the best validation
     epoch only with early stopping; the notebooks keep the last epoch's weights, and so do we here)."""
 
@@ -366,19 +368,16 @@ def run_notebook(key: str, name: str, cfg: RunConfig, data: ImageData, held: Spl
 
 
 def run_classlab(key: str, cfgs: list[RunConfig], data: ImageData, args) -> tuple[EpochHooks, list[nn.Module]]:
-    """fit for one config, fit_stacked for several; the hooks hold the clock and accuracies."""
+    """fit for one config, fit stacked for several; the hooks hold the clock and accuracies."""
     cfgs = [classlab_cfg(c, args) for c in cfgs]
     built = [fresh_model(c, data) for c in cfgs]
     models, pre = [m for m, _ in built], built[0][1]
     hooks = EpochHooks(models, cfgs, data, pre)
-    what = "fit" if len(cfgs) == 1 else f"fit_stacked ({len(cfgs)} runs)"
+    what = "fit" if len(cfgs) == 1 else f"fit stacked ({len(cfgs)} runs)"
     print(f"[{key}] classlab {what} (load {load_avg()})", flush=True)
     hooks.clock.mark()
-    if len(cfgs) == 1:
-        fit(models[0], data, cfgs[0], pre, CPU, on_epoch_end=lambda row, state: hooks(0, row, state))
-    else:
-        assert can_stack(cfgs)
-        fit_stacked(models, data, cfgs, pre, CPU, on_epoch_end=hooks)
+    assert len(cfgs) == 1 or can_stack(cfgs)
+    fit(models, data, cfgs, pre, CPU, callbacks=[hooks])
     return hooks, models
 
 
@@ -396,7 +395,7 @@ def bench_single(key: str, cfg: RunConfig, args, rows: list[Row], cache: dict) -
         hooks_n, _ = run_classlab(key, seeds, data, args)
         accs = [hooks_n.acc[k] for k in range(len(seeds))]
         n = len(seeds)
-        rows.append(Row(key, f"classlab fit_stacked, seeds 0–{n - 1} (per run)", [w / n for w in hooks_n.clock.wall],
+        rows.append(Row(key, f"classlab fit stacked, seeds 0–{n - 1} (per run)", [w / n for w in hooks_n.clock.wall],
                         [c / n for c in hooks_n.clock.cpu], mean(accs), torch.get_num_threads(),
                         note=f"seed noise: test acc std {statistics.stdev(accs) * 100:.2f} points, "
                              f"range {min(accs) * 100:.2f}–{max(accs) * 100:.2f}%"))
@@ -437,7 +436,7 @@ def bench_grid(cfgs: list[RunConfig], args, rows: list[Row], cache: dict) -> Non
         rows.append(Row("grid", f"stacked {cfg.name}", [w / n for w in hooks.clock.wall],
                         [c / n for c in hooks.clock.cpu], hooks.acc[k], torch.get_num_threads(),
                         note="amortized: the group's time / 8", ref=f"notebook {cfg.name}"))
-    rows.append(Row("grid", "classlab fit_stacked, 8 runs at once", hooks.clock.wall, hooks.clock.cpu,
+    rows.append(Row("grid", "classlab fit stacked, 8 runs at once", hooks.clock.wall, hooks.clock.cpu,
                     mean(hooks.acc.values()), torch.get_num_threads(), note="accuracy: mean of the 8"))
     if args.jobs > 1:
         bench_grid_jobs(cfgs, args, rows)
@@ -456,10 +455,7 @@ def _grid_job(job: int, jobs: int, cfgs: list[RunConfig], args, barrier) -> dict
     hooks = EpochHooks(models, mine, data, pre)
     barrier.wait()
     hooks.clock.mark()
-    if len(mine) == 1:
-        fit(models[0], data, mine[0], pre, CPU, on_epoch_end=lambda row, state: hooks(0, row, state))
-    else:
-        fit_stacked(models, data, mine, pre, CPU, on_epoch_end=hooks)
+    fit(models, data, mine, pre, CPU, callbacks=[hooks])
     return {"wall": hooks.clock.wall, "cpu": hooks.clock.cpu, "acc": [hooks.acc[k] for k in range(len(mine))],
             "threads": torch.get_num_threads(), "names": [c.name for c in mine]}
 
@@ -469,7 +465,7 @@ def bench_grid_jobs(cfgs: list[RunConfig], args, rows: list[Row]) -> None:
     import multiprocessing as mp
 
     jobs = args.jobs
-    print(f"[grid] classlab --jobs {jobs}: {jobs} processes × fit_stacked (load {load_avg()})", flush=True)
+    print(f"[grid] classlab --jobs {jobs}: {jobs} processes × fit stacked (load {load_avg()})", flush=True)
     ctx = mp.get_context("spawn")
     barrier = ctx.Manager().Barrier(jobs)
     saved = os.environ.get("OMP_NUM_THREADS")

@@ -117,12 +117,12 @@ def _folder_study(tmp: Path, root: Path, **train) -> list[str]:
 def _fake_run_folder(tmp: Path, changes: dict | None = None) -> tuple[list[str], Path]:
     """A study file and its run folder's config.yaml as `classlab run` writes it, without training."""
     from classlab.config import load_study
+    from classlab.plan import expand, run_config_dict
     from classlab.runs import RunFolder
-    from classlab.study import expand, run_config_dict
 
     args, path = _run_study(tmp, changes)
-    study, cli = load_study(path)
-    (planned,) = expand(study, cli)
+    study = load_study(path)
+    (planned,) = expand(study)
     folder = RunFolder(Path(study.out_dir) / study.name / planned.config.name)
     folder.path.mkdir(parents=True)
     folder.write_config(run_config_dict(planned.config))

@@ -5,15 +5,15 @@ from pydantic import ValidationError
 
 from classlab.config import RunConfig, load_study, parse_override, validate
 from classlab.errors import ClasslabError
-from classlab.study import expand
+from classlab.plan import expand
 from tests.conftest import tiny_study, write_study
 
 
 def _error(tmp_path: Path, study: dict, *overrides: str) -> str:
     path = write_study(tmp_path / "s.yaml", study)
     with pytest.raises(ClasslabError) as e:
-        cfg, cli = load_study(path, overrides)
-        expand(cfg, cli, where=str(path))
+        cfg = load_study(path, overrides)
+        expand(cfg, where=str(path))
     return str(e.value)
 
 
@@ -52,8 +52,8 @@ def test_unknown_model_and_optimizer_suggest(tmp_path, idx_folder):
 def test_overrides_are_type_checked_and_win(tmp_path, idx_folder):
     study = tiny_study(tmp_path, idx_folder, runs=[{"name": "a", "train": {"epochs": 5}}, {"name": "b"}])
     path = write_study(tmp_path / "s.yaml", study)
-    cfg, cli = load_study(path, ["train.epochs=3", "seeds=[1, 2]"])
-    runs = expand(cfg, cli)
+    cfg = load_study(path, ["train.epochs=3", "seeds=[1, 2]"])
+    runs = expand(cfg)
     assert [r.config.name for r in runs] == ["a-seed1", "a-seed2", "b-seed1", "b-seed2"]
     assert {r.config.train.epochs for r in runs} == {3}
     assert "train.epochs" in _error(tmp_path, study, "train.epochs=three")

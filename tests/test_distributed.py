@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from classlab.runs import LOCK_NAME, safe_torch_load
-from classlab.train.loop import _shard, _step_loss
+from classlab.train.fit import _shard
+from classlab.train.members import member_losses
 from tests.conftest import CliRun, kill_tree, make_idx_folder, start_cli_run, tiny_study, write_study
 
 EPOCHS = 4
@@ -178,13 +179,13 @@ def test_shard_losses_average_to_the_whole_batch_gradient(size: int) -> None:
     model = torch.nn.Linear(6, 3)
     x, y = torch.randn(size, 6), torch.randint(0, 3, (size,))
     tc = TrainConfig()
-    whole, _, _ = _step_loss(model(x), y, tc, size, 1)
+    whole, _, _ = member_losses(model(x).unsqueeze(0), y, tc, size, 1)
     want = torch.autograd.grad(whole, list(model.parameters()))
     world = 2
     grads = []
     for rank in range(world):
         idx = _shard(torch.arange(size), rank, world)
-        loss, _, _ = _step_loss(model(x[idx]), y[idx], tc, size, world)
+        loss, _, _ = member_losses(model(x[idx]).unsqueeze(0), y[idx], tc, size, world)
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     for i, w in enumerate(want):
         assert torch.allclose(sum(g[i] for g in grads) / world, w, atol=1e-6)

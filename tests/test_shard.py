@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from classlab.errors import ClasslabError
+from classlab.plan import expand, parse_shard, shard_runs
 from classlab.runs import LOCK_NAME, RunFolder, RunLock, RunLocked, read_lock
-from classlab.study import expand, parse_shard, run_study, shard_runs
+from classlab.study import run_study
 from tests.conftest import make_idx_folder, tiny_study, write_study
 
 TIMEOUT = 300
@@ -34,8 +35,8 @@ def _four_run_study(tmp_path: Path, epochs: int = 1) -> Path:
 def _planned_names(path: Path) -> list[str]:
     from classlab.config import load_study
 
-    study, cli = load_study(path)
-    return [p.config.name for p in expand(study, cli)]
+    study = load_study(path)
+    return [p.config.name for p in expand(study)]
 
 
 def _write_lock(run_dir: Path, host: str, pid: int) -> None:
@@ -64,8 +65,8 @@ def test_shards_split_a_study_by_index_mod_n_disjointly_and_completely(tmp_path:
     assert names == ["adam-seed0", "adam-seed1", "sgd-seed0", "sgd-seed1"]  # expand's stable order
     from classlab.config import load_study
 
-    study, cli = load_study(tmp_path / "study.yaml")
-    planned = expand(study, cli)
+    study = load_study(tmp_path / "study.yaml")
+    planned = expand(study)
     for n in (1, 2, 3, 5):
         parts = [[p.config.name for p in shard_runs(planned, (i, n))] for i in range(n)]
         assert sorted(sum(parts, [])) == sorted(names)  # together: the whole study, each run once

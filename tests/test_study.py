@@ -1,28 +1,28 @@
 import pytest
 
 from classlab.config import RunConfig, load_study, validate
-from classlab.study import expand, grid_cells
+from classlab.plan import expand, grid_cells
 from tests.conftest import tiny_study, write_study
 
 
 def test_runs_times_seeds_have_stable_names(tmp_path, idx_folder):
     study = tiny_study(tmp_path, idx_folder, seeds=[0, 1, 2],
                        runs=[{"name": "original"}, {"name": "permuted", "data": {"permute_pixels": {"seed": 7}}}])
-    cfg, cli = load_study(write_study(tmp_path / "s.yaml", study))
-    runs = expand(cfg, cli)
+    cfg = load_study(write_study(tmp_path / "s.yaml", study))
+    runs = expand(cfg)
     assert [r.config.name for r in runs] == [f"{v}-seed{s}" for v in ("original", "permuted") for s in (0, 1, 2)]
     assert [r.config.seed for r in runs] == [0, 1, 2] * 2
     assert runs[3].config.data.permute_pixels.seed == 7 and runs[0].config.data.permute_pixels is None
     assert runs[3].variant == "permuted"
     # the same file expands the same way twice
-    assert [r.config for r in expand(cfg, cli)] == [r.config for r in runs]
+    assert [r.config for r in expand(cfg)] == [r.config for r in runs]
 
 
 def test_grid_2x2_times_2_seeds_is_8_named_runs(tmp_path, idx_folder):
     study = tiny_study(tmp_path, idx_folder, seeds=[0, 1],
                        grid={"train.optimizer": ["adam", "rmsprop"], "train.l1": [0.0, 0.001]})
-    cfg, cli = load_study(write_study(tmp_path / "s.yaml", study))
-    runs = expand(cfg, cli)
+    cfg = load_study(write_study(tmp_path / "s.yaml", study))
+    runs = expand(cfg)
     names = [r.config.name for r in runs]
     assert len(names) == 8 == len(set(names))
     assert "adam-0.001-seed1" in names
@@ -38,8 +38,8 @@ def test_grid_names_fall_back_to_keys_when_values_clash():
 def test_switching_model_in_a_run_replaces_it(tmp_path, idx_folder):
     study = tiny_study(tmp_path, idx_folder, runs=[{"name": "cnn"}, {"name": "mlp", "model": {"name": "mlp",
                                                                                                "hidden": [8]}}])
-    cfg, cli = load_study(write_study(tmp_path / "s.yaml", study))
-    runs = expand(cfg, cli)
+    cfg = load_study(write_study(tmp_path / "s.yaml", study))
+    runs = expand(cfg)
     assert runs[1].config.model.name == "mlp" and runs[1].config.model.hidden == [8]
 
 
@@ -79,8 +79,8 @@ def test_every_experiment_file_expands(tmp_path):
     assert len(files) >= 8
     counts = {}
     for path in files:
-        cfg, cli = load_study(path)
-        runs = expand(cfg, cli, where=str(path))
+        cfg = load_study(path)
+        runs = expand(cfg, where=str(path))
         counts[path.stem] = len(runs)
         for run in runs:  # what config.yaml stores must load back to the same config
             assert validate(RunConfig, run.config.model_dump(mode="json")) == run.config

@@ -8,9 +8,10 @@ from classlab.config import RunConfig, validate
 from classlab.data import load_dataset
 from classlab.models import build_model
 from classlab.runs import RunFolder, safe_torch_load
-from classlab.study import preprocess_for, train_run
-from classlab.train.loop import fit
+from classlab.study import train_run
+from classlab.train.fit import fit
 from classlab.train.optim import loss_fn
+from classlab.transforms import preprocess_for
 from tests.conftest import TINY_CNN
 
 QUIET = Console(quiet=True)
@@ -65,13 +66,13 @@ def test_early_stopping_restores_the_best_weights(idx_folder, tmp_path):
     data = load_dataset(cfg.data)
     model = build_model(cfg.model, 4, (1, 28, 28))
     model.load_state_dict(state["model"])
-    from classlab.train.loop import evaluate_split
+    from classlab.evaluate import evaluate_test
     from classlab.transforms import BatchTransform
 
     pre = preprocess_for(cfg, data)
-    val_loss, _, _ = evaluate_split(model, data.val, BatchTransform(pre, None, torch.device("cpu")), cfg,
-                                    torch.device("cpu"))
-    assert val_loss == pytest.approx(best["val_loss"], rel=1e-5)
+    val = evaluate_test(model, data.val.images, data.val.labels, BatchTransform(pre, None, torch.device("cpu")),
+                        cfg.train, 4, torch.device("cpu"))
+    assert val.metrics["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
 
 
 def test_resume_equals_uninterrupted(idx_folder, tmp_path):
@@ -84,14 +85,11 @@ def test_resume_equals_uninterrupted(idx_folder, tmp_path):
     real_fit = study_mod.fit
 
     def fit_two_epochs(*args, **kwargs):
-        hook = kwargs["on_epoch_end"]
-
-        def stopping_hook(row, state):
-            hook(row, state)
+        def stop_after_epoch_2(k, row, state):  # after the run's own callbacks have saved the epoch
             if row["epoch"] == 2:
                 raise KeyboardInterrupt
 
-        kwargs["on_epoch_end"] = stopping_hook
+        kwargs["callbacks"] = [*kwargs["callbacks"], stop_after_epoch_2]
         return real_fit(*args, **kwargs)
 
     study_mod.fit = fit_two_epochs
@@ -140,7 +138,7 @@ def test_l1_shrinks_weights(idx_folder, tmp_path):
         pre = preprocess_for(cfg, data)
         torch.manual_seed(0)
         model = build_model(cfg.model, 4, pre.input_shape)
-        fit(model, data, cfg, pre, torch.device("cpu"))
+        fit([model], data, [cfg], pre, torch.device("cpu"))
         norms.append(sum(p.abs().sum().item() for p in model.parameters() if p.ndim > 1))
     assert norms[1] < 0.8 * norms[0]
 

@@ -1,7 +1,7 @@
 """Study files as frozen pydantic models: every key typed, unknown keys rejected with a suggestion.
 
 A study file has a base (`data`, `model`, `train`), optional `runs:` (named overrides of the base)
-and `grid:` (dotted keys crossed with each other), and `seeds:`. `study.py` expands it into one
+and `grid:` (dotted keys crossed with each other), and `seeds:`. `plan.py` expands it into one
 `RunConfig` per run; this module only parses, merges and validates.
 """
 
@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -328,10 +329,12 @@ class RunConfig(Strict):
 
 
 class Select(Strict):
-    """Pick the best variant (mean over seeds) by a validation metric, or pin one by name (to retrain
-    what a paper chose; the metric's pick is still printed beside it)."""
+    """Pick the best variant by a validation metric over its seeds (`rule: mean`, or `lower_bound`: the
+    variant whose lower 95% confidence bound is best), or pin one by name (to retrain what a paper chose;
+    the metric's pick is still printed beside it). `metric:` is accepted as the older name of `by:`."""
 
-    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    by: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", validation_alias=AliasChoices("by", "metric"))
+    rule: Literal["mean", "lower_bound"] = "mean"
     variant: str | None = None
 
 
@@ -581,18 +584,39 @@ def validate(cls: type[Strict], raw: dict[str, Any], where: str = "") -> Any:
         raise ClasslabError(format_validation_error(err, cls, where)) from None
 
 
-def load_study(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
-) -> tuple[StudyConfig, list[tuple[str, Any]]]:
-    """Read and validate a study file. Returns the study and the parsed CLI overrides, which
-    `study.expand` applies last to every run (so `-o` wins over a run's own override)."""
+RUN_SECTIONS = ("data", "model", "train")
+
+
+def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Apply one `-o key=value` to a raw study, so that it wins everywhere the key is set: the study's
+    sections, every run's own overrides, and the grid (an axis on that key is pinned to the value; axes
+    inside it are dropped; an axis whose values hold the key gets it in each value)."""
+    set_dotted(raw, key, value)
+    if key.split(".")[0] not in RUN_SECTIONS:
+        return
+    for run in raw.get("runs") or []:
+        if isinstance(run, dict):
+            set_dotted(run, key, copy.deepcopy(value))
+    grid = raw.get("grid")
+    if not isinstance(grid, dict):
+        return
+    for axis in list(grid):
+        if axis == key:
+            grid[axis] = [copy.deepcopy(value)]
+        elif axis.startswith(key + "."):
+            del grid[axis]
+        elif key.startswith(axis + ".") and isinstance(grid[axis], list):
+            for cell in grid[axis]:
+                if isinstance(cell, dict):
+                    set_dotted(cell, key[len(axis) + 1 :], copy.deepcopy(value))
+
+
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """Read and validate a study file with the CLI overrides applied (here, and only here)."""
     path = Path(path)
     raw = read_yaml(path)
-    parsed = [parse_override(o) for o in overrides]
-    for key, value in parsed:
-        if key.split(".")[0] not in ("data", "model", "train"):
-            set_dotted(raw, key, value)
+    for key, value in (parse_override(o) for o in overrides):
+        apply_override(raw, key, value)
     if "name" not in raw or raw.get("name") is None:
         raw["name"] = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.stem).lstrip(".") or "study"
-    study = validate(StudyConfig, raw, where=str(path))
-    return study, [(k, v) for k, v in parsed if k.split(".")[0] in ("data", "model", "train")]
+    return validate(StudyConfig, raw, where=str(path))

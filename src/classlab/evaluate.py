@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from classlab.config import RunConfig, TrainConfig
 from classlab.train.device import autocast
 from classlab.train.speed import channels_last_input, is_channels_last
 from classlab.transforms import BatchTransform
@@ -72,3 +75,73 @@ def predict_logits(model: nn.Module, images: torch.Tensor, transform: BatchTrans
             out.append(model(x).float())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
+
+
+WORST_MISTAKES = 16
+
+
+def worst_mistakes(probs: torch.Tensor, labels: torch.Tensor, k: int = WORST_MISTAKES) -> torch.Tensor:
+    """Indices of wrong predictions made with the highest confidence."""
+    pred = probs.argmax(1)
+    wrong = torch.nonzero(pred != labels).flatten()
+    conf = probs[wrong, pred[wrong]]
+    return wrong[conf.argsort(descending=True)[:k]]
+
+
+@dataclass
+class TestEvaluation:
+    """A trained run on its test split: the metrics summary.json records, and what predictions.npz holds."""
+
+    metrics: dict
+    probs: torch.Tensor  # [N, classes] on the CPU
+    worst: torch.Tensor  # indices of the most confident mistakes
+
+
+def evaluate_test(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform,
+                  tc: TrainConfig, num_classes: int, device: torch.device) -> TestEvaluation:
+    """Loss, accuracy, confusion matrix and per-class metrics on a split, from one forward pass (fp32)."""
+    from classlab.train.optim import loss_fn
+
+    logits = predict_logits(model, images, transform, tc.eval_batch_size, device)
+    labels = labels.to(device)
+    loss = float(loss_fn(logits, labels, tc, reduction="sum")) / max(len(labels), 1)
+    probs = logits.softmax(1)
+    metrics = {"loss": loss, **classification_report(labels, logits, num_classes)}
+    return TestEvaluation(metrics, probs.cpu(), worst_mistakes(probs, labels).cpu())
+
+
+def _val_at(history: list[dict], epoch: int) -> dict | None:
+    for row in history:
+        if row["epoch"] == epoch and row.get("val_loss") is not None:
+            return {"loss": row["val_loss"], "accuracy": row["val_accuracy"], "epoch": epoch}
+    return None
+
+
+def run_summary(cfg: RunConfig, data, result, test: TestEvaluation, parameters: dict, device: torch.device) -> dict:
+    """summary.json: the test metrics, which epoch's weights they use, and how the run trained.
+
+    `best_epoch` is the best validation epoch; `kept_epoch` (and `weights`: best or last) the epoch whose
+    weights the test numbers use: the best with early stopping, else the last (docs/decisions.md #2)."""
+    history = result.history
+    epoch_seconds = [r["seconds"] for r in history]
+    return {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "classes": list(data.classes),
+        "test": test.metrics,
+        "best_epoch": result.best_epoch,
+        "kept_epoch": result.kept_epoch,
+        "weights": "best" if cfg.train.early_stopping is not None else "last",
+        "epochs_run": len(history),
+        "stopped_early": result.stopped_early,
+        "final_train": {"loss": history[-1]["train_loss"], "accuracy": history[-1]["train_accuracy"]},
+        "best_val": _val_at(history, result.best_epoch),
+        "kept_val": _val_at(history, result.kept_epoch),
+        "parameters": parameters,
+        "seconds": float(sum(epoch_seconds)),
+        "seconds_per_epoch": float(sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else 0.0,
+        "device": str(device),
+        "trained_together": result.stacked > 1,
+        "data": {"source": data.source, "train": len(data.train), "val": len(data.val) if data.val else 0,
+                 "test": len(data.test), "skipped_files": len(data.skipped)},
+    }

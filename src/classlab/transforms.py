@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from classlab.config import Augment, ColorJitter
+from classlab.config import Augment, ColorJitter, RunConfig
+from classlab.errors import ClasslabError
 
 
 def pixel_permutation(seed: int, num_pixels: int) -> torch.Tensor:
@@ -52,6 +53,25 @@ class Preprocess:
             source_shape=tuple(source) if source else None, to_rgb=bool(d.get("to_rgb", False)),
             resize=tuple(resize) if resize else None,
         )
+
+
+def preprocess_for(cfg: RunConfig, data) -> Preprocess:
+    """What evaluation (and prediction) applies, from the stored uint8 shape to the model's input:
+    `data.to_rgb` copies gray to 3 channels, and a one-value mean / std is repeated for every channel."""
+    c, h, w = data.image_shape
+    perm = None
+    if cfg.data.permute_pixels is not None:
+        perm = tuple(pixel_permutation(cfg.data.permute_pixels.seed, h * w).tolist())
+    out_c = 3 if cfg.data.to_rgb and c == 1 else c
+    out_h, out_w = cfg.data.resize or (h, w)
+    mean, std = tuple(data.mean), tuple(data.std)
+    if len(mean) == 1 and out_c > 1:
+        mean, std = mean * out_c, std * out_c
+    if len(mean) != out_c:
+        raise ClasslabError(f"data.normalize has {len(mean)} values but the model input has {out_c} channel(s)")
+    return Preprocess(input_shape=(out_c, out_h, out_w), mean=mean, std=std, classes=tuple(data.classes),
+                      permutation=perm, source_shape=(c, h, w), to_rgb=cfg.data.to_rgb and c == 1,
+                      resize=tuple(cfg.data.resize) if cfg.data.resize else None)
 
 
 def random_hflip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:

@@ -183,17 +183,10 @@ def load_dataset(cfg: DataConfig) -> ImageData:
 
 
 def _stats(cfg: DataConfig, raw: RawData, train: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalization: the config's, else the dataset's known defaults, else measured on train."""
-    channels = 3 if cfg.to_rgb else train.images.shape[1]
+    """Normalization as the config writes it, else the dataset's known defaults, else measured on train
+    (per stored channel; transforms.preprocess_for fits it to the model input's channels)."""
     if cfg.normalize is not None:
-        mean, std = cfg.normalize.mean, cfg.normalize.std
-        if len(mean) == 1 and channels > 1:
-            mean, std = mean * channels, std * channels
-        if len(mean) != channels:
-            raise ClasslabError(
-                f"data.normalize has {len(mean)} values but the model input has {channels} channel(s)"
-            )
-        return tuple(mean), tuple(std)
+        return tuple(cfg.normalize.mean), tuple(cfg.normalize.std)
     if cfg.dataset in DEFAULT_STATS:
         return DEFAULT_STATS[cfg.dataset]
     x = train.images[: min(len(train), 20000)].float().div_(255)

@@ -1,13 +1,19 @@
-"""Early stopping on a validation metric, keeping the best weights."""
+"""What `fit` does beside the maths: early stopping (keeping the best weights), and the callbacks it calls
+after every epoch of a member: TensorBoard scalars, the time estimate."""
 
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+from rich.console import Console
 from torch import nn
+
+from classlab.errors import ClasslabError
 
 
 @dataclass
@@ -28,14 +34,16 @@ class EarlyStopper:
         return -1.0 if self.monitor.endswith("accuracy") else 1.0
 
     def update(self, epoch: int, value: float | None, model: nn.Module) -> bool:
-        """Record an epoch; True when it is the best so far."""
-        if value is None or not self.keep_best:  # the last epoch is the one we keep
+        """Record an epoch; True when it is the best so far by the monitored validation metric (every epoch
+        when there is no validation). Its weights are kept only with `keep_best` (early stopping)."""
+        if value is None:
             self.best_epoch = epoch
             return True
         score = self.sign * value
         if score < self.best - self.min_delta:
             self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
-            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if self.keep_best:
+                self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return True
         self.bad_epochs += 1
         return False
@@ -51,3 +59,55 @@ class EarlyStopper:
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
         self.best_state = state["best_state"]
+
+
+class TensorBoardLogger:
+    """`fit` callback: each member's epoch scalars into its own TensorBoard log folder (None: not logged)."""
+
+    def __init__(self, log_dirs: list[Path | None]) -> None:
+        self.writers: list[Any] = []
+        for log_dir in log_dirs:
+            self.writers.append(_summary_writer(log_dir) if log_dir is not None else None)
+
+    def __call__(self, k: int, row: dict, state: dict) -> None:
+        writer = self.writers[k]
+        if writer is None:
+            return
+        epoch = row["epoch"]
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+            if row.get(key) is not None:
+                group, _, name = key.partition("_")
+                writer.add_scalar(f"{name or group}/{group}" if name else key, row[key], epoch)
+        for group, lr in row.get("lrs", {}).items():
+            writer.add_scalar(f"lr_group/{group}", lr, epoch)
+        writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers:
+            if writer is not None:
+                writer.close()
+
+
+def _summary_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ClasslabError(
+            "train.tensorboard needs the tensorboard package: pip install 'classlab[tensorboard]'"
+        ) from None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+class TimeEstimate:
+    """`fit` callback: prints the study's expected duration once, from the first trained epoch."""
+
+    def __init__(self, console: Console, epochs_left: int) -> None:
+        self.console, self.epochs_left, self.done = console, epochs_left, False
+
+    def __call__(self, k: int, row: dict, state: dict) -> None:
+        if self.done:
+            return
+        self.done = True
+        minutes = row["seconds"] * self.epochs_left / 60
+        self.console.print(f"[dim]estimate: {self.epochs_left} epochs × {row['seconds']:.1f}s ≈ {minutes:.1f} min "
+                           "(from the first epoch; early stopping may shorten it)[/]")

@@ -10,6 +10,13 @@ import numpy as np
 import torch
 
 
+def training_state(epoch: int, model: dict, optimizer: dict, scheduler: dict | None, stopper: dict, rng: dict,
+                   history: list[dict]) -> dict[str, Any]:
+    """What checkpoints/last.pt holds, built in this one place (runs.py validates the same keys)."""
+    return {"epoch": epoch, "model": model, "optimizer": optimizer, "scheduler": scheduler, "stopper": stopper,
+            "rng": rng, "history": history}
+
+
 def rng_state(order_gen: torch.Generator, aug_gen: torch.Generator) -> dict[str, Any]:
     np_state = np.random.get_state()
     py_state = random.getstate()

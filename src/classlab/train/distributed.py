@@ -90,26 +90,19 @@ def cleanup(created: bool) -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
+def sum_over_ranks(values: torch.Tensor) -> list[float]:
+    """A float64 vector summed over all processes (one collective); the values themselves when alone."""
     if is_distributed():
-        dist.barrier()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values.tolist()
 
 
-def all_reduce_sums(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
-    """Sum each value over all processes (float64, one collective); the values themselves when alone."""
-    packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+def finite_each(values: torch.Tensor) -> list[bool]:
+    """Per entry: finite in every process (all ranks must agree before one of them fails a run)."""
+    bad = (~torch.isfinite(values)).to(torch.float64)
     if is_distributed():
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    return packed.tolist()
-
-
-def all_finite(value: torch.Tensor) -> bool:
-    """True when `value` is finite in every process: all ranks must agree before one of them fails a run."""
-    if not is_distributed():
-        return bool(torch.isfinite(value))  # a scalar sum: one check, no extra kernel
-    bad = (~torch.isfinite(value)).sum().to(torch.float64)
-    dist.all_reduce(bad, op=dist.ReduceOp.SUM)
-    return float(bad) == 0
+        dist.all_reduce(bad, op=dist.ReduceOp.SUM)
+    return [b == 0 for b in bad.tolist()]
 
 
 def broadcast_object(obj: T) -> T:

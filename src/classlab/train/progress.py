@@ -42,7 +42,7 @@ class EpochProgress:
         val = ""
         if row.get("val_loss") is not None:
             val = f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}"
-        mark = " *" if row.get("best") else ""
+        mark = " *" if row.get("best") and row.get("val_loss") is not None else ""  # the best validation epoch
         self.console.print(
             f"  {self.run_name} epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_accuracy']:.2%}{val}  {row['seconds']:.1f}s{mark}",

@@ -19,40 +19,43 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from classlab.config import TrainConfig
+
 DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import: one per core this process may use
 SMALL_STEP_MACS = 50e6  # study D's MLP: 15.5 M per batch of 64; study A's CNN: 344 M
 
 
 def forward_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-adds of one forward pass of one image, over Conv2d and Linear layers (eval mode, on CPU)."""
-    total = 0
+    """Multiply-adds of one forward pass of one image (torch's own FLOP counter, eval mode)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def count(module: nn.Module, inputs, output) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            total += output[0].numel() * k
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     was_training = model.training
+    counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+        with torch.no_grad(), counter:
+            p = next(model.parameters())
+            model.eval()(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
     finally:
         model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return total
+    return counter.get_total_flops() // 2
 
 
 def cpu_threads_for(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, members: int = 1) -> int:
     """1 for a small model (see the module docstring), else torch's default thread count. `members`:
-    how many such models train as one stacked group (train/stacked.py); the group is the model whose
+    how many such models train as one stacked group (train/members.py); the group is the model whose
     step is sized (study D's 8-cell grid: 124 M multiply-adds per step, GEMMs wide enough for threads)."""
     small = forward_macs(model, input_shape) * batch_size * members < SMALL_STEP_MACS
     return 1 if small else DEFAULT_THREADS
+
+
+def set_threads(tc: TrainConfig, model: nn.Module, input_shape: tuple[int, ...], members: int,
+                device: torch.device, world: int) -> None:
+    """The process's intra-op threads, decided here only: `train.threads` when set; on a CPU, one process
+    alone, the model's size decides; otherwise (a GPU, or DDP, whose launcher sets OMP_NUM_THREADS) as is."""
+    if tc.threads is not None:
+        torch.set_num_threads(tc.threads)
+    elif device.type == "cpu" and world == 1:
+        torch.set_num_threads(cpu_threads_for(model, input_shape, tc.batch_size, members))
 
 
 def has_conv(model: nn.Module) -> bool:
