@@ -103,3 +103,18 @@ def test_layer_shorthands():
     kinds = [layer.kind for layer in cfg.model.layers]
     assert kinds == ["conv", "relu", "maxpool", "dropout", "linear", "leaky_relu"]
     assert cfg.model.layers[0].conv.out == 8 and cfg.model.layers[5].leaky_relu.slope == 0.2
+
+
+def test_registries_are_the_one_source_of_names():
+    """Every name the config accepts has a builder and the other way round; unknown names get the
+    registry's own did-you-mean."""
+    import classlab.data
+    import classlab.models  # noqa: F401  (their imports register the builders)
+    from classlab.registry import ACTIVATIONS, DATASETS, MODELS
+
+    for registry in (DATASETS, MODELS, ACTIVATIONS):
+        assert registry.registered() == tuple(sorted(registry.names())), registry.kind
+    with pytest.raises(ClasslabError, match=r"unknown dataset 'fashion-mnst' \(did you mean 'fashion-mnist'\?\)"):
+        validate(RunConfig, {"name": "r", "data": {"dataset": "fashion-mnst"}, "model": {"name": "mlp"}})
+    with pytest.raises(ClasslabError, match=r"unknown model 'resnet81' \(did you mean 'resnet18'\?\)"):
+        validate(RunConfig, {"name": "r", "model": {"name": "resnet81"}})

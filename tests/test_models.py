@@ -3,7 +3,8 @@ import torch
 
 from classlab.config import CNNConfig, MLPConfig, PresetConfig
 from classlab.errors import ClasslabError
-from classlab.models import build_model, count_parameters
+from classlab.models import build_model
+from classlab.models.summary import parameter_count as count_parameters
 
 # STUDIES.md pins A's layer sizes (120 / 10,392 / 27,680 / 25,800, and 2,010 for 10 outputs) and D's total.
 EXPECTED = {

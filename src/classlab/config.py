@@ -26,7 +26,10 @@ from pydantic import (
 )
 
 from classlab.errors import ClasslabError, one_line
-from classlab.registry import suggest
+from classlab.registry import ACTIVATIONS as ACTIVATION_REGISTRY
+from classlab.registry import DATASETS as DATASET_REGISTRY
+from classlab.registry import MODELS as MODEL_REGISTRY
+from classlab.registry import PRESETS, suggest
 
 
 class Strict(BaseModel):
@@ -37,7 +40,7 @@ class Strict(BaseModel):
 
 # ----------------------------------------------------------------------------- data
 
-DATASETS = ("fashion-mnist", "mnist", "idx", "demo", "image-folder", "fer2013")
+DATASETS = DATASET_REGISTRY.names()
 
 
 class Normalize(Strict):
@@ -123,7 +126,7 @@ class DataConfig(Strict):
 
 # ----------------------------------------------------------------------------- models
 
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "gelu", "sigmoid", "elu", "silu")
+ACTIVATIONS = ACTIVATION_REGISTRY.names()
 
 
 class Empty(Strict):
@@ -232,9 +235,6 @@ class CNNConfig(Strict):
     layers: list[LayerSpec] = Field(min_length=1)
 
 
-PRESETS = ("study_a_cnn", "study_b_cnn", "study_c_cnn", "study_d_mlp", "study_e_cnn")
-
-
 class PresetConfig(Strict):
     """The reference studies' networks by name; the switches mirror choices the studies left open."""
 
@@ -257,7 +257,7 @@ class ResNetConfig(Strict):
 
 
 ModelConfig = Annotated[MLPConfig | CNNConfig | PresetConfig | ResNetConfig, Field(discriminator="name")]
-MODEL_NAMES = ("mlp", "cnn", "resnet18", *PRESETS)
+MODEL_NAMES = MODEL_REGISTRY.names()
 
 
 # ----------------------------------------------------------------------------- training
@@ -554,17 +554,16 @@ def format_validation_error(err: ValidationError, root: type[BaseModel], where: 
     path, _ = _walk(root, loc)
     name = path or "(top level)"
     if kind == "union_tag_invalid":
-        tag = e.get("ctx", {}).get("tag", "?")
-        allowed = [t.strip(" '") for t in str(e.get("ctx", {}).get("expected_tags", "")).split(",")]
-        return f"{prefix}{name}.name: unknown model '{tag}'{suggest(tag, allowed)}; choose one of: " + ", ".join(
-            allowed
-        )
+        return f"{prefix}{name}.name: {MODEL_REGISTRY.unknown(e.get('ctx', {}).get('tag', '?'))}"
     if kind == "union_tag_not_found":
         return f"{prefix}{name}: needs a 'name' (one of: {', '.join(MODEL_NAMES)})"
     if kind == "literal_error":
         expected = str(e.get("ctx", {}).get("expected", ""))
         choices = [c.strip(" '") for c in expected.replace(" or ", ", ").split(",")]
         got = e.get("input")
+        for registry in (DATASET_REGISTRY, ACTIVATION_REGISTRY):  # a registry's own did-you-mean
+            if tuple(choices) == registry.names():
+                return f"{prefix}{name}: {registry.unknown(got)}"
         return f"{prefix}{name}: '{got}' is not allowed{suggest(str(got), choices)}; choose one of: " + ", ".join(
             choices
         )

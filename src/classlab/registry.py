@@ -18,13 +18,20 @@ def suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
 
 
 class Registry(Generic[T]):
-    """Maps names to builders so configs can name them and errors can list them."""
+    """Maps names to builders so configs can name them and errors can list them.
 
-    def __init__(self, kind: str) -> None:
+    The names users may write are declared here, once, without importing torch (the config validates
+    against them); the modules that build each thing register a builder under a declared name."""
+
+    def __init__(self, kind: str, names: tuple[str, ...]) -> None:
         self.kind = kind
+        self._names = names
         self._items: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        if name not in self._names:
+            raise ValueError(f"{self.kind} '{name}' is not declared in classlab/registry.py")
+
         def wrap(fn: Callable[..., T]) -> Callable[..., T]:
             if name in self._items:
                 raise ValueError(f"{self.kind} '{name}' registered twice")
@@ -33,19 +40,23 @@ class Registry(Generic[T]):
 
         return wrap
 
-    def get(self, name: str) -> Callable[..., T]:
-        if name not in self._items:
-            raise ClasslabError(
-                f"unknown {self.kind} '{name}'{suggest(name, self.names())}; "
-                f"choose one of: {', '.join(self.names())}"
-            )
-        return self._items[name]
+    def unknown(self, name: object) -> str:
+        """What users read for a name that is not one of ours: the did-you-mean and every choice."""
+        return f"unknown {self.kind} '{name}'{suggest(str(name), self._names)}; choose one of: {', '.join(self._names)}"
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> T:
-        return self.get(name)(*args, **kwargs)
+        if name not in self._items:
+            raise ClasslabError(self.unknown(name))
+        return self._items[name](*args, **kwargs)
 
-    def names(self) -> list[str]:
-        return sorted(self._items)
+    def names(self) -> tuple[str, ...]:
+        return self._names
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
+    def registered(self) -> tuple[str, ...]:
+        return tuple(sorted(self._items))
+
+
+DATASETS: Registry[Any] = Registry("dataset", ("fashion-mnist", "mnist", "idx", "demo", "image-folder", "fer2013"))
+PRESETS = ("study_a_cnn", "study_b_cnn", "study_c_cnn", "study_d_mlp", "study_e_cnn")
+MODELS: Registry[Any] = Registry("model", ("mlp", "cnn", "resnet18", *PRESETS))
+ACTIVATIONS: Registry[Any] = Registry("activation", ("relu", "leaky_relu", "tanh", "gelu", "sigmoid", "elu", "silu"))

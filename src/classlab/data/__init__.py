@@ -15,7 +15,7 @@ from classlab.data.idx import IDX_FILES, find_idx_file, read_idx_pair
 from classlab.data.locate import locate_idx
 from classlab.data.split import relabel, stratified_split, stratified_subset
 from classlab.errors import ClasslabError
-from classlab.registry import Registry
+from classlab.registry import DATASETS
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -62,7 +62,6 @@ class RawData:
     skipped: list[str] = field(default_factory=list)
 
 
-SOURCES: Registry[RawData] = Registry("dataset")
 _CACHE: dict[tuple, RawData] = {}
 
 
@@ -89,17 +88,17 @@ def _read_idx_folder(folder: Path, classes: list[str] | None) -> RawData:
     return _CACHE[key]
 
 
-@SOURCES.register("fashion-mnist")
+@DATASETS.register("fashion-mnist")
 def _fashion(cfg: DataConfig) -> RawData:
     return _read_idx_folder(locate_idx("fashion-mnist", cfg.root, cfg.download), FASHION_CLASSES)
 
 
-@SOURCES.register("mnist")
+@DATASETS.register("mnist")
 def _mnist(cfg: DataConfig) -> RawData:
     return _read_idx_folder(locate_idx("mnist", cfg.root, cfg.download), MNIST_CLASSES)
 
 
-@SOURCES.register("idx")
+@DATASETS.register("idx")
 def _idx(cfg: DataConfig) -> RawData:
     if not cfg.root:
         raise ClasslabError("data.dataset 'idx' needs data.root: a folder holding the four IDX files")
@@ -110,12 +109,12 @@ def demo_folder() -> Path:
     return Path(str(resources.files("classlab") / "demo" / "data"))
 
 
-@SOURCES.register("demo")
+@DATASETS.register("demo")
 def _demo(cfg: DataConfig) -> RawData:
     return _read_idx_folder(demo_folder(), FASHION_CLASSES)
 
 
-@SOURCES.register("image-folder")
+@DATASETS.register("image-folder")
 def _image_folder(cfg: DataConfig) -> RawData:
     if not cfg.root:
         raise ClasslabError("data.dataset 'image-folder' needs data.root: a folder of <split>/<class>/ images")
@@ -131,7 +130,7 @@ def _image_folder(cfg: DataConfig) -> RawData:
     return _CACHE[key]
 
 
-@SOURCES.register("fer2013")
+@DATASETS.register("fer2013")
 def _fer(cfg: DataConfig) -> RawData:
     if not cfg.root:
         raise ClasslabError("data.dataset 'fer2013' needs data.root: fer2013.csv, or a folder of train/ test/ images")
@@ -148,7 +147,7 @@ def _fer(cfg: DataConfig) -> RawData:
 
 def load_dataset(cfg: DataConfig) -> ImageData:
     """Decode (or reuse) the source, then apply subset, relabel and the validation split."""
-    raw = SOURCES.create(cfg.dataset, cfg)
+    raw = DATASETS.create(cfg.dataset, cfg)
     splits = dict(raw.splits)
     if "test" not in splits:
         source = splits.pop("all", None) or splits.pop("train")

@@ -8,10 +8,7 @@ from classlab.config import CNNConfig, MLPConfig, PresetConfig, ResNetConfig
 from classlab.models.cnn import CNN
 from classlab.models.mlp import MLP
 from classlab.models.presets import CNN_PRESETS
-from classlab.models.summary import parameter_count
-from classlab.registry import Registry
-
-MODELS: Registry[nn.Module] = Registry("model")
+from classlab.registry import MODELS
 
 
 @MODELS.register("mlp")
@@ -54,7 +51,3 @@ def build_model(
     cfg: MLPConfig | CNNConfig | PresetConfig | ResNetConfig, num_classes: int, in_shape: tuple[int, int, int]
 ) -> nn.Module:
     return MODELS.create(cfg.name, cfg, num_classes, in_shape)
-
-
-# one implementation: the summary module's (kept under this name for callers of the registry module)
-count_parameters = parameter_count
