@@ -11,14 +11,16 @@ import copy
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_serializer,
@@ -29,7 +31,7 @@ from classlab.errors import ClasslabError, one_line
 from classlab.registry import ACTIVATIONS as ACTIVATION_REGISTRY
 from classlab.registry import DATASETS as DATASET_REGISTRY
 from classlab.registry import MODELS as MODEL_REGISTRY
-from classlab.registry import PRESETS, suggest
+from classlab.registry import PRESETS, ZOO_FAMILIES, suggest
 
 
 class Strict(BaseModel):
@@ -65,12 +67,96 @@ class ColorJitter(Strict):
     hue: float = Field(0.0, ge=0, le=0.5)
 
 
+def _increasing_pair(name: str, v: tuple[float, float]) -> tuple[float, float]:
+    if not 0 < v[0] <= v[1]:
+        raise ValueError(f"{name} needs 0 < low <= high, got {list(v)}")
+    return v
+
+
+class RandomResizedCrop(Strict):
+    """torchvision's RandomResizedCrop, per image: a box of `scale` × the image's area and aspect ratio in
+    `ratio` (log-uniform), resampled to the image's own size (data.resize, if set, follows)."""
+
+    scale: tuple[float, float] = Field((0.08, 1.0), description="range of the crop's area, a fraction of the image's")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="range of the crop's width / height")
+
+    @model_validator(mode="after")
+    def _check(self) -> RandomResizedCrop:
+        _increasing_pair("scale", self.scale)
+        _increasing_pair("ratio", self.ratio)
+        if self.scale[1] > 1:
+            raise ValueError(f"scale is a fraction of the image's area: at most 1, got {list(self.scale)}")
+        return self
+
+
+class RandomErasing(Strict):
+    """torchvision's RandomErasing, per image, on the normalized model input (where torchvision's recipes put
+    it): a rectangle of `scale` × the area, aspect ratio in `ratio`, set to `value`."""
+
+    p: float = Field(0.5, ge=0, le=1, description="probability that an image gets a rectangle erased")
+    scale: tuple[float, float] = Field((0.02, 0.33), description="range of the rectangle's area, a fraction of the image's")
+    ratio: tuple[float, float] = Field((0.3, 3.3), description="range of the rectangle's height / width")
+    value: float | Literal["random"] = Field(
+        0.0, description="fill in normalized units (0 = the normalization's mean), or random: standard normal noise")
+
+    @model_validator(mode="after")
+    def _check(self) -> RandomErasing:
+        _increasing_pair("scale", self.scale)
+        _increasing_pair("ratio", self.ratio)
+        if self.scale[1] > 1:
+            raise ValueError(f"scale is a fraction of the image's area: at most 1, got {list(self.scale)}")
+        return self
+
+
+class RandAugment(Strict):
+    """torchvision's RandAugment (Cubuk et al. 2020), batched: each image draws `num_ops` of the 14 operations
+    with a random sign, all at bin `magnitude` of `num_magnitude_bins`."""
+
+    num_ops: int = Field(2, ge=1, description="operations applied to each image, one after another")
+    magnitude: int = Field(9, ge=0, description="magnitude bin of every operation, 0 .. num_magnitude_bins - 1")
+    num_magnitude_bins: int = Field(31, ge=2, description="how many steps the magnitude ranges are split into")
+
+    @model_validator(mode="after")
+    def _check(self) -> RandAugment:
+        if self.magnitude >= self.num_magnitude_bins:
+            raise ValueError(f"magnitude {self.magnitude} must be below num_magnitude_bins ({self.num_magnitude_bins})")
+        return self
+
+
+class TrivialAugment(Strict):
+    """torchvision's TrivialAugmentWide (Müller & Hutter 2021), batched: each image draws one of the 14
+    operations and its own magnitude bin and sign."""
+
+    num_magnitude_bins: int = Field(31, ge=2, description="how many steps the magnitude ranges are split into")
+
+
+def _preset_switch(v: Any) -> Any:
+    """`randaugment: true` means the defaults, `false` none."""
+    if isinstance(v, bool):
+        return {} if v else None
+    return v
+
+
 class Augment(Strict):
-    """Train-time augmentation, applied to whole batches on the device."""
+    """Train-time augmentation, applied to whole batches on the device, every random number drawn per image
+    from the run's own augmentation generator (checkpointed, so a resumed run continues exactly). Order:
+    random_resized_crop, hflip, rotate, randaugment / trivialaugment, pixel permutation, to_rgb, resize,
+    color_jitter, normalization, random_erasing, then mixup / cutmix (with class-probability targets)."""
 
     hflip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
     rotate: float = Field(0.0, ge=0, le=180, description="max rotation in degrees, uniform in ±rotate")
-    color_jitter: ColorJitter | None = None
+    color_jitter: ColorJitter | None = Field(None, description="per-image brightness / contrast / saturation / hue")
+    random_resized_crop: RandomResizedCrop | None = Field(
+        None, description="per-image random crop resampled to the image size; true = torchvision's defaults")
+    random_erasing: RandomErasing | None = Field(
+        None, description="per-image erased rectangle on the normalized input; true = torchvision's defaults")
+    randaugment: RandAugment | None = Field(None, description="RandAugment, batched; true = torchvision's defaults")
+    trivialaugment: TrivialAugment | None = Field(
+        None, description="TrivialAugmentWide, batched; true = torchvision's defaults")
+    mixup: float = Field(0.0, ge=0, description="MixUp's Beta(α, α) parameter α (e.g. 0.2); 0 = off. λ per "
+                         "image, the partner is the next image of the batch; soft targets")
+    cutmix: float = Field(0.0, ge=0, description="CutMix's Beta(α, α) parameter α (e.g. 1.0); 0 = off. With "
+                          "mixup also set, each image gets one of the two with probability 1/2")
 
     @field_validator("hflip", mode="before")
     @classmethod
@@ -78,6 +164,17 @@ class Augment(Strict):
         if isinstance(v, bool):
             return 0.5 if v else 0.0
         return v
+
+    @field_validator("random_resized_crop", "random_erasing", "randaugment", "trivialaugment", mode="before")
+    @classmethod
+    def _switch(cls, v: Any) -> Any:
+        return _preset_switch(v)
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> Augment:
+        if self.randaugment is not None and self.trivialaugment is not None:
+            raise ValueError("randaugment and trivialaugment are two policies for the same step: choose one")
+        return self
 
 
 IMAGENET_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -238,13 +335,15 @@ class CNNConfig(Strict):
 class PresetConfig(Strict):
     """The reference studies' networks by name; the switches mirror choices the studies left open."""
 
+    tag: ClassVar[str] = "preset"
     name: Literal[PRESETS]  # type: ignore[valid-type]
     batchnorm: bool | None = None
     dropout: float | None = Field(None, ge=0, lt=1)
 
 
 class FreezeSpec(Strict):
-    """Freeze every top-level block except these (e.g. [layer4, fc]; `head` is the classifier)."""
+    """Freeze every parameter group except these: group names (layer4, fc, blocks.6), or the model's own
+    stages by role: stem, stage1..stageN, last_stage, stages, head (the classifier)."""
 
     all_but: list[str] = Field(min_length=1)
 
@@ -256,7 +355,40 @@ class ResNetConfig(Strict):
     freeze: FreezeSpec | Literal["none"] = "none"
 
 
-ModelConfig = Annotated[MLPConfig | CNNConfig | PresetConfig | ResNetConfig, Field(discriminator="name")]
+class ZooConfig(Strict):
+    """Any timm or torchvision classification architecture: `timm/<arch>` or `torchvision/<arch>`."""
+
+    tag: ClassVar[str] = "zoo"
+    name: str = Field(pattern=r"^(timm|torchvision)/[A-Za-z0-9_.\-]+$")
+    pretrained: str = Field("none", description="none | imagenet | a .pth/.safetensors file | a classlab run folder")
+    head: list[LayerSpec] | None = Field(None, description="layers before the final Linear, e.g. [{linear: 256}, relu]")
+    freeze: FreezeSpec | Literal["none"] = "none"
+
+    @property
+    def family(self) -> str:
+        return self.name.split("/", 1)[0]
+
+    @property
+    def arch(self) -> str:
+        return self.name.split("/", 1)[1]
+
+
+def _model_tag(v: Any) -> str | None:
+    """The union member a model config is: its name, `preset` for the studies' networks, `zoo` for
+    timm/... and torchvision/...; an unknown name is returned as is (pydantic reports it)."""
+    name = v.get("name") if isinstance(v, dict) else getattr(v, "name", None)
+    if not isinstance(name, str):
+        return None
+    if name.split("/", 1)[0] in ZOO_FAMILIES and "/" in name:
+        return "zoo"
+    return "preset" if name in PRESETS else name
+
+
+ModelConfig = Annotated[
+    Annotated[MLPConfig, Tag("mlp")] | Annotated[CNNConfig, Tag("cnn")] | Annotated[PresetConfig, Tag("preset")]
+    | Annotated[ResNetConfig, Tag("resnet18")] | Annotated[ZooConfig, Tag("zoo")],
+    Discriminator(_model_tag),
+]
 MODEL_NAMES = MODEL_REGISTRY.names()
 
 
@@ -292,15 +424,43 @@ class TrainConfig(Strict):
     early_stopping: EarlyStopping | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, gt=0)
-    amp: bool = True
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="mixed precision on CUDA: auto = bf16 on compute capability >= 8.0, fp16 with loss "
+        "scaling below; off = fp32. The CPU always trains in fp32 (bf16 is slower there without AMX)")
+    compile: bool = Field(False, description="torch.compile the model (CUDA: fewer kernel launches; the first "
+                          "epoch pays the compile time; on CPU it was measured slower)")
+    deterministic: bool = Field(False, description="deterministic CUDA kernels (cuDNN, cuBLAS workspace): "
+                                "bit-for-bit repeatable GPU runs, at some speed; CPU runs are deterministic anyway")
+    checkpoint_every: int = Field(1, gt=0, description="write checkpoints/last.pt every N epochs (and at the "
+                                  "end); a resume redoes at most N-1 epochs")
+    sync_batchnorm: bool = Field(False, description="under DDP on CUDA: BatchNorm statistics over all GPUs' "
+                                 "shares of the batch (SyncBatchNorm) instead of each GPU's own")
     tensorboard: bool = False
-    lr_groups: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
-        None, description="learning rate per top-level block, e.g. {layer4: 5e-4, fc: 1e-3}")
+    lr_groups: dict[str, Annotated[float, Field(gt=0)] | list[Annotated[float, Field(gt=0)]]] | None = Field(
+        None, description="learning rate per parameter group or stage role, e.g. {layer4: 5e-4, fc: 1e-3} or "
+        "{stem: 1e-5, stages: [1e-5, 5e-5, 1e-4, 5e-4], head: 1e-3}; `decay: 0.7` gives each group without "
+        "one the next group's rate times 0.7 (layer-wise decay from the head, whose rate is train.lr by default)")
 
     @field_validator("scheduler", mode="before")
     @classmethod
     def _scheduler_name(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_bool(cls, v: Any) -> Any:
+        """`amp: true / false` (the older form) means auto / off."""
+        return {True: "auto", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("lr_groups")
+    @classmethod
+    def _lr_lists(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key, value in (v or {}).items():
+            if isinstance(value, list) and (key != "stages" or not value):
+                raise ValueError(f"lr_groups.{key}: only 'stages' takes a list (one rate per stage)")
+        if v and "decay" in v and not (isinstance(v["decay"], float | int) and 0 < v["decay"] <= 1):
+            raise ValueError("lr_groups.decay must be one number in (0, 1]")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -526,7 +686,8 @@ def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, list[str]]:
             path += f"[{part}]"
             continue
         if len(candidates) > 1:  # a discriminated union: this part is the tag
-            tagged = [c for c in candidates if part in typing.get_args(c.model_fields["name"].annotation)]
+            tagged = [c for c in candidates if part in typing.get_args(c.model_fields["name"].annotation)
+                      or part == getattr(c, "tag", None)]
             if tagged:
                 candidates = tagged
                 continue

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from classlab.config import RunConfig, TrainConfig
-from classlab.train.device import autocast
 from classlab.train.speed import channels_last_input, is_channels_last
 from classlab.transforms import BatchTransform
 
@@ -61,18 +60,17 @@ def classification_report(y_true: torch.Tensor, logits: torch.Tensor, num_classe
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int,
-                   device: torch.device, amp: bool = False) -> torch.Tensor:
+                   device: torch.device) -> torch.Tensor:
     """Logits for a whole uint8 set, in large batches, with the model in eval mode: the one forward pass
-    behind validation, test metrics, predict and compare. fp32 unless `amp` (stored probabilities and
-    test loss should not carry bf16 rounding)."""
+    behind validation, test metrics, predict and compare. Always fp32, also after mixed-precision training,
+    so the test loss and the stored probabilities carry no bf16 / fp16 rounding."""
     was_training = model.training
     model.eval()
     channels_last = is_channels_last(model)
     out = []
     for i in range(0, len(images), batch_size):
         x = channels_last_input(transform(images[i : i + batch_size].to(device, non_blocking=True)), channels_last)
-        with autocast(device, amp):
-            out.append(model(x).float())
+        out.append(model(x).float())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 

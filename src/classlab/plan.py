@@ -140,7 +140,7 @@ def select_variant(summaries: list[dict], metric: str, rule: str = "mean") -> st
 # Train settings that must be equal for members to share steps and evaluation; everything else
 # (optimizer, lr, momentum, weight decay, L1, scheduler, early stopping, seed) may differ per member.
 SHARED_TRAIN_KEYS = ("epochs", "batch_size", "eval_batch_size", "loss", "softmax_before_loss", "label_smoothing",
-                     "amp", "device", "threads")
+                     "amp", "compile", "deterministic", "device", "threads")
 
 # On a CPU, vmapped convolutions (grouped convolutions underneath, no channels-last) lose to one-by-one
 # training: 3 × study A's CNN took 188 ms per step stacked against 78 ms one after another. So on a
@@ -161,7 +161,7 @@ def _mlp_signature(cfg: RunConfig) -> tuple | None:
 def stack_key(cfg: RunConfig, device_type: str = "cpu") -> tuple | None:
     """Runs with equal keys can be trained together on a device of `device_type`; None: this run trains alone."""
     t = cfg.train
-    if cfg.model.name == "resnet18" or t.lr_groups:
+    if cfg.model.name == "resnet18" or "/" in cfg.model.name or t.lr_groups:  # ImageNet-size nets (timm/, torchvision/)
         return None
     model = _mlp_signature(cfg)
     if model is None:

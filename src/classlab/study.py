@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from classlab.config import RunConfig, StudyConfig, load_study
+from classlab.config import RunConfig, StudyConfig, load_study, validate
 from classlab.data import ImageData, load_dataset
 from classlab.errors import ClasslabError, RunFailed
 from classlab.evaluate import evaluate_test, run_summary
@@ -76,7 +76,13 @@ class _Prepared:
 
 
 def _check_same_config(folder: RunFolder, cfg: RunConfig) -> None:
-    if folder.read_config() != run_config_dict(cfg):
+    """The stored config, read as this version reads it (so an older spelling of the same setting, such
+    as `amp: true`, is still the same config), must be the run's."""
+    try:
+        stored = run_config_dict(validate(RunConfig, folder.read_config()))
+    except ClasslabError:
+        stored = None
+    if stored != run_config_dict(cfg):
         raise ClasslabError(
             f"{folder.path} holds a run with a different config; use --restart to retrain it, "
             "or set out_dir to keep both"
@@ -118,6 +124,14 @@ def _finish_run(prep: _Prepared, result: FitResult, device: torch.device) -> dic
     summary = run_summary(prep.cfg, data, result, test, parameter_count(model), device)
     prep.folder.write_summary(summary)
     return summary
+
+
+def _checkpoint_due(tc, epoch: int, state: dict) -> bool:
+    """last.pt every `train.checkpoint_every` epochs, and always at the run's last epoch (the final or the
+    early-stopped one), which the summary and a later `--restart`-free run rely on."""
+    es = tc.early_stopping
+    stopping = es is not None and state["stopper"]["bad_epochs"] >= es.patience
+    return epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or stopping
 
 
 def _saved_epochs(folder: RunFolder) -> list[dict]:
@@ -242,8 +256,12 @@ class _Trainer:
             def save(k: int, row: dict, state: dict) -> None:
                 # best.pt before last.pt before metrics: a kill between two writes leaves nothing that claims
                 # an epoch last.pt lacks, and the resumed run redoes that epoch identically
-                ready[k].folder.save_epoch(state, row["best"])
-                ready[k].folder.write_metrics(state["history"])
+                folder, tc = ready[k].folder, ready[k].cfg.train
+                if _checkpoint_due(tc, row["epoch"], state):
+                    folder.save_epoch(state, row["best"])
+                elif row["best"]:
+                    folder.save_best(state["model"], row["epoch"])
+                folder.write_metrics(state["history"])
 
             tensorboard = TensorBoardLogger([p.folder.tensorboard_dir if p.cfg.train.tensorboard else None
                                              for p in ready])
@@ -257,6 +275,10 @@ class _Trainer:
             if tensorboard is not None:
                 tensorboard.close()
         for prep, result in zip(ready, results, strict=True):
+            if result.notes and main:
+                prep.folder.write_run_log(prep.folder.read_run_log() + result.notes)
+                for note in result.notes:
+                    _say(self.console, f"{prep.cfg.name}: {note}", "yellow")
             if result.failed is not None:
                 if main:
                     prep.folder.mark_failed(result.failed)
@@ -321,6 +343,8 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
         on = f"{distributed.world_size()} processes × {dev.type}" if distributed.is_distributed() else str(dev)
         console.print(f"[bold]{study.name}[/]:{part} {len(planned)} run(s){extra}, {done} already complete, "
                       f"on {on} -> {folder}")
+        for warning in {distributed.batch_warning(p.config.train.batch_size) for p in mine} - {None}:
+            _say(console, f"warning: {warning}", "yellow")
         trainer = _Trainer(folder, dev, console, options)
         started = time.perf_counter()
         if not options.retry_failed and not restart:

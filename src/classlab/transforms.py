@@ -95,6 +95,20 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
+_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                       dtype=torch.float64)
+_YIQ_CACHE: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _yiq_matrices(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB -> YIQ and back, inverted once on the CPU and copied to each device once: building or inverting
+    them per batch was two host syncs per training step on a GPU."""
+    key = (device, dtype)
+    if key not in _YIQ_CACHE:
+        _YIQ_CACHE[key] = (_TO_YIQ.to(device, dtype), torch.linalg.inv(_TO_YIQ).to(device, dtype))
+    return _YIQ_CACHE[key]
+
+
 def color_jitter(x: torch.Tensor, jitter: ColorJitter, generator: torch.Generator) -> torch.Tensor:
     """Per-image brightness, contrast, saturation and hue on an RGB batch in [0, 1].
     Hue is a rotation of the chroma plane in YIQ space (a cheap, batched equivalent of an HSV hue shift)."""
@@ -116,13 +130,12 @@ def color_jitter(x: torch.Tensor, jitter: ColorJitter, generator: torch.Generato
         x = ((x - gray) * factors(jitter.saturation) + gray).clamp_(0, 1)
     if jitter.hue > 0:
         angle = (torch.rand(n, device=x.device, generator=generator) * 2 - 1) * jitter.hue * 2 * math.pi
-        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                              device=x.device, dtype=x.dtype)
+        to_yiq, from_yiq = _yiq_matrices(x.device, x.dtype)
         yiq = torch.einsum("ij,njhw->nihw", to_yiq, x)
         cos, sin = torch.cos(angle).view(n, 1, 1), torch.sin(angle).view(n, 1, 1)
         i, q = yiq[:, 1], yiq[:, 2]
         yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], 1)
-        x = torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_yiq), yiq).clamp_(0, 1)
+        x = torch.einsum("ij,njhw->nihw", from_yiq, yiq).clamp_(0, 1)
     return x
 
 

@@ -71,7 +71,9 @@ def setup(device: torch.device) -> tuple[torch.device, bool]:
                                 f"({torch.cuda.device_count()} GPU(s) on this machine); lower --nproc-per-node")
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # device_id binds NCCL's communicator to this process's GPU at once (no guessing from the current device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
     return device, True
 
 
@@ -148,6 +150,19 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=False)
+
+
+SMALL_RANK_BATCH = 16  # below this many images per process, BatchNorm statistics get noisy
+
+
+def batch_warning(batch_size: int) -> str | None:
+    """A warning when the global batch split over the processes leaves each only a few images."""
+    world = world_size()
+    if world > 1 and batch_size // world < SMALL_RANK_BATCH:
+        return (f"train.batch_size {batch_size} over {world} processes is {batch_size // world} images each: "
+                f"BatchNorm statistics get noisy below {SMALL_RANK_BATCH}; raise the batch size, use fewer "
+                "processes, or train.sync_batchnorm on GPUs")
+    return None
 
 
 def describe() -> str:

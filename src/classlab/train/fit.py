@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from classlab.plan import can_stack, stack_order
 from classlab.train import distributed
 from classlab.train.callbacks import EarlyStopper
 from classlab.train.checkpoint import rng_state, set_rng_state, training_state
-from classlab.train.device import autocast
+from classlab.train.device import amp_dtype, autocast, configure_backends, grad_scaler
 from classlab.train.members import Single, Stacked, build_members, member_losses
 from classlab.train.optim import loss_fn
 from classlab.train.speed import set_threads
@@ -50,6 +50,7 @@ class FitResult:
     seconds: float
     stacked: int = 1  # how many members trained together
     failed: str | None = None  # why the member stopped (non-finite loss); its model is then not a result
+    notes: list[str] = field(default_factory=list)  # for the run log (e.g. a resume on another kind of device)
 
 
 def fit(
@@ -118,18 +119,28 @@ def _checkpoint_rng(order_gen: torch.Generator, aug_gen: torch.Generator) -> dic
     return state
 
 
-def _restore_rng(saved: dict, seed: int, order_gen: torch.Generator, aug_gen: torch.Generator) -> None:
+def _restore_rng(saved: dict, seed: int, epoch: int, order_gen: torch.Generator, aug_gen: torch.Generator
+                 ) -> str | None:
     """Each rank continues its own streams when resumed with the world size it was saved with; otherwise
     every rank starts from rank 0's states (the data order is the same in all ranks) and ranks > 0
-    re-derive their own dropout / augmentation streams."""
+    re-derive their own dropout / augmentation streams. A checkpoint saved on another kind of device (GPU
+    vs CPU) cannot restore the augmentation stream: it is reseeded from the seed and the epoch, and the
+    returned note says so (the data order and every other stream still continue exactly)."""
     world, rank = distributed.world_size(), distributed.rank()
     per_rank = saved.get("ranks")
-    if per_rank is not None and len(per_rank) == world:
-        set_rng_state(per_rank[rank], order_gen, aug_gen)
-        return
-    set_rng_state(saved, order_gen, aug_gen)
-    if rank > 0:
+    state = per_rank[rank] if per_rank is not None and len(per_rank) == world else saved
+    restored = set_rng_state(state, order_gen, aug_gen)
+    if state is saved and rank > 0:
         _seed_rank_streams(seed, rank, aug_gen)
+    if restored:
+        return None
+    aug_gen.manual_seed(seed + 1 + RESEED_STRIDE * epoch + distributed.RANK_SEED_STRIDE * rank)
+    return (f"resumed after epoch {epoch} on {aug_gen.device.type}, but the augmentation stream was saved on "
+            f"{saved.get('augment_device', 'another device')}: reseeded from the seed and epoch, so later "
+            "epochs' augmentations differ from an uninterrupted run's (the data order does not)")
+
+
+RESEED_STRIDE = 7_919  # augmentation reseed after a cross-device resume: seed + 1 + stride × epoch
 
 
 def _shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -156,6 +167,10 @@ class _Loop:
             raise ClasslabError(f"run '{self.cfgs[0].name}': train.batch_size {self.tc.batch_size} is the global "
                                 f"batch size and must be at least the number of processes ({self.world})")
         set_threads(self.tc, members.models[0], pre.input_shape, self.k, device, self.world)
+        configure_backends(device, self.tc.deterministic)
+        self.amp = amp_dtype(device, self.tc.amp)
+        members.scaler = grad_scaler(self.amp)
+        self.notes: list[str] = []  # for the run log: what a resume could not continue exactly
         self.images = data.train.images.to(device)
         self.labels = data.train.labels.to(device)
         self.val = None
@@ -190,9 +205,15 @@ class _Loop:
             self.histories[k] = list(st["history"])
             self.stopped_early[k] = self.stoppers[k].should_stop
             self.active[k] = not self.stopped_early[k]
+        epoch = int(states[0]["epoch"])
         for u, seed in enumerate(self.seeds):
-            _restore_rng(states[self.seed_of.index(u)]["rng"], seed, self.order_gens[u], self.aug_gens[u])
-        self.start_epoch = int(states[0]["epoch"]) + 1
+            note = _restore_rng(states[self.seed_of.index(u)]["rng"], seed, epoch, self.order_gens[u],
+                                self.aug_gens[u])
+            if note is not None:
+                self.notes.append(note)
+        if self.members.scaler is not None and states[0].get("scaler") is not None:
+            self.members.scaler.load_state_dict(states[0]["scaler"])
+        self.start_epoch = epoch + 1
 
     def _batch(self, perms: list[torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
         """(x, y, shared, global batch size): one gather per seed; x is [B, ...] when every member shares it."""
@@ -255,11 +276,11 @@ class _Loop:
                 progress.start_epoch(epoch, steps)
             for step in range(steps):
                 x, y, shared, size = self._batch(perms, step)
-                with autocast(device, tc.amp):
+                with autocast(device, self.amp):
                     logits = m.forward(x, shared)
                 loss, logged, weight = member_losses(logits, y, tc, size, self.world)
                 m.zero_grad()
-                loss.backward()
+                (m.scaler.scale(loss) if m.scaler is not None else loss).backward()
                 m.step()
                 loss_sum.add_(logged, alpha=weight)
                 correct += (logits.detach().argmax(-1) == y).sum(-1)
@@ -304,7 +325,8 @@ class _Loop:
                 state = None
                 if self.callbacks:
                     state = training_state(epoch, m.models[i].state_dict(), m.optimizer_state(i), m.scheduler_state(i),
-                                           stopper.state_dict(), rngs[self.seed_of[i]], self.histories[i])
+                                           stopper.state_dict(), rngs[self.seed_of[i]], self.histories[i],
+                                           m.scaler.state_dict() if m.scaler is not None else None)
                 done.append((i, row, state))
                 if self.stopped_early[i]:
                     self.active[i] = False
@@ -327,7 +349,7 @@ class _Loop:
                 kept = stopper.best_epoch
             results.append(FitResult(history=self.histories[i], best_epoch=stopper.best_epoch or last,
                                      kept_epoch=kept, stopped_early=self.stopped_early[i], seconds=seconds / self.k,
-                                     stacked=self.k, failed=self.failed[i]))
+                                     stacked=self.k, failed=self.failed[i], notes=list(self.notes)))
         return results
 
 

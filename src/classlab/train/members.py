@@ -45,9 +45,10 @@ def _l1_targets(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def param_groups(model: nn.Module, cfg: RunConfig) -> list:
-    """Per-block learning rates when `train.lr_groups` is set, else every trainable parameter in one group."""
+    """Per-group learning rates when `train.lr_groups` is set (models.freeze: the model's own groups, by
+    name or by stem / stages / head role, or layer-wise decay), else every trainable parameter in one group."""
     if cfg.train.lr_groups:
-        return parameter_groups(model, dict(cfg.train.lr_groups))
+        return parameter_groups(model, dict(cfg.train.lr_groups), cfg.train.lr)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ClasslabError(f"run '{cfg.name}': every parameter is frozen; unfreeze at least the head")
@@ -67,10 +68,20 @@ class Single:
         self.l1_params = _l1_targets(list(model.parameters())) if self.l1 > 0 else []
         self.device = device
         self.train_model: nn.Module = model
+        self.scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (train/device.py), set by fit
 
     def start(self) -> None:
-        """DDP after loading: it broadcasts rank 0's weights."""
+        """After a resume has loaded the weights: SyncBatchNorm and DDP (which broadcasts rank 0's weights),
+        then torch.compile. Compiled graphs are static: the ragged last batch compiles once more, in the
+        first epoch, and both graphs are reused after that."""
+        tc = self.cfgs[0].train
+        if tc.sync_batchnorm and distributed.is_distributed():
+            if self.device.type != "cuda":
+                raise ClasslabError("train.sync_batchnorm needs CUDA GPUs (NCCL); set it to false on the CPU")
+            self.model = self.models[0] = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.train_model = distributed.wrap(self.model, self.device)
+        if tc.compile:
+            self.train_model = torch.compile(self.train_model, dynamic=False, backend=COMPILE_BACKEND)
 
     def train(self, training: bool) -> None:
         self.train_model.train(training)
@@ -88,12 +99,14 @@ class Single:
 
     def step(self) -> None:
         """L1's gradient (λ·sign w, exactly what autograd gives for λ·Σ|w|) added, then the optimizer."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.l1_params:
             with torch.no_grad():
                 for p in self.l1_params:
                     if p.grad is not None:
                         p.grad.add_(p.sign(), alpha=self.l1)
-        self.optimizer.step()
+        _optimizer_steps([self.optimizer], self.scaler)
 
     def scheduler_step(self) -> None:
         if self.scheduler is not None:
@@ -141,9 +154,10 @@ class Stacked:
         self.matrix_keys = [n for n, t in b.params.items() if t.ndim > 2]  # member ndim > 1, as `Single`
         self.member_keys = [[b.names[k][n] for n, _ in m.named_parameters()] for k, m in enumerate(models)]
         self.training = True
+        self.scaler: torch.amp.GradScaler | None = None
 
     def start(self) -> None:
-        pass
+        """Nothing to wrap: stacks never train under DDP, and torch.compile applies to single runs."""
 
     def train(self, training: bool) -> None:
         self.training = training
@@ -165,13 +179,15 @@ class Stacked:
 
     def step(self) -> None:
         params = self.backend.params
+        for g in self.groups:
+            g.attach_grads(params)
+            if self.scaler is not None:
+                self.scaler.unscale_(g.optimizer)
         with torch.no_grad():
             for k, lam in self.l1:
                 for key in self.matrix_keys:
                     params[key].grad[k].add_(params[key][k].sign(), alpha=lam)
-        for g in self.groups:
-            g.attach_grads(params)
-            g.optimizer.step()
+        _optimizer_steps([g.optimizer for g in self.groups], self.scaler)
 
     def scheduler_step(self) -> None:
         for g in self.groups:
@@ -213,6 +229,21 @@ class Stacked:
                                  self.member_keys[g.start : g.stop])
             if g.scheduler is not None and states[g.start].get("scheduler") is not None:
                 g.scheduler.load_state_dict(states[g.start]["scheduler"])
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests use "eager" (no C++ toolchain needed)
+
+
+def _optimizer_steps(optimizers: Sequence[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
+    """Each optimizer's step; under fp16 loss scaling through the scaler (which skips steps whose gradients
+    overflowed), then one scale update for the whole step."""
+    if scaler is None:
+        for optimizer in optimizers:
+            optimizer.step()
+        return
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+    scaler.update()
 
 
 def build_members(models: Sequence[nn.Module], cfgs: Sequence[RunConfig], device: torch.device) -> Single | Stacked:
