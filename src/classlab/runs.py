@@ -3,108 +3,94 @@
     <out>/<study>/<run>/
         config.yaml          the resolved RunConfig (+ format version)
         preprocessing.json   what evaluation/prediction applies to an image
+        input_stats.json     training-image brightness, for predict's input check
         model_summary.txt    torchinfo table; model_summary.json rows for the report
+        run.log              data source and sizes, skipped files, processes
         metrics.jsonl        one line per finished epoch
-        checkpoints/last.pt  full training state (resume); checkpoints/best.pt best weights
+        checkpoints/last.pt  full training state (resume); checkpoints/best.pt the best epoch's
         predictions.npz      test labels, predictions, probabilities, worst mistakes
         summary.json         written last: its presence is what marks the run complete
         failed.json          written instead when the run failed (non-finite loss, ...)
-        .lock                while a process trains the run: who (host, pid, since when); see RunLock
+        tensorboard/         event files, when train.tensorboard is on
+        .lock                while a process trains the run: who (host, pid, since when); see locks.py
+
+This module is the only place that spells these names: everything else reads and writes a run through
+RunFolder's typed methods, so the layout can change in one place.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import secrets
 import shutil
-import socket
-import tempfile
-import time
-import warnings
-from dataclasses import dataclass
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from classlab import RUN_FORMAT_VERSION, __version__
 from classlab.errors import ClasslabError
+from classlab.io import (
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    commit,
+    safe_torch_load,
+    torch_save_into,
+    write_temp,
+)
+from classlab.locks import LOCK_NAME, RunLock, RunLocked, describe_lock, read_lock
 
-# What checkpoints/last.pt holds (see train/checkpoint.py and train/loop.py).
-LAST_KEYS = ("epoch", "model", "optimizer", "scheduler", "stopper", "rng", "history")
+# The atomic writers and the locks live in classlab.io and classlab.locks; re-exported here for the
+# code (study.py, tests) that still imports them from classlab.runs.
+__all__ = [
+    "CHECKPOINT_KEYS", "LOCK_NAME", "RunFolder", "RunLock", "RunLocked", "atomic_torch_save", "atomic_write_bytes",
+    "atomic_write_json", "atomic_write_text", "check_checkpoint", "check_format", "describe_lock", "find_failed",
+    "find_runs", "read_lock", "safe_torch_load", "weights_of",
+]
 
+CONFIG = "config.yaml"
+PREPROCESSING = "preprocessing.json"
+INPUT_STATS = "input_stats.json"
+MODEL_TEXT = "model_summary.txt"
+MODEL_TABLE = "model_summary.json"
+RUN_LOG = "run.log"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+PREDICTIONS = "predictions.npz"
+SUMMARY = "summary.json"
+FAILED = "failed.json"
+TENSORBOARD = "tensorboard"
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: a reader sees the old file or the new, never half.
-    Any OSError (disk full, no permission, a file where a folder should be) is one ClasslabError naming
-    `path`; whatever stops the write, the temp file is removed."""
-    path = Path(path)
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a report or run file should read like any other
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # disk full, permissions, Ctrl-C mid-write: never leave the temp file behind
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise ClasslabError(
-                f"cannot write {path}: {e.strerror or e}; free space or choose another out_dir"
-            ) from None
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+# The checkpoint schema: what checkpoints/last.pt (and best.pt, a copy of the best epoch's) holds.
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "stopper", "rng", "history")
+WEIGHTS = ("best", "last")  # summary.json's "weights": which checkpoint the test numbers were computed with
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+def check_checkpoint(state: Any, path: Path, hint: str = "") -> dict:
+    """`state` as a training checkpoint, or one ClasslabError naming what is wrong with it."""
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ClasslabError(f"{path}: not a classlab training checkpoint (no '{missing[0]}'){hint}")
+    if not isinstance(state["epoch"], int) or state["epoch"] < 1:
+        raise ClasslabError(f"{path}: bad epoch {state['epoch']!r}{hint}")
+    return state
 
 
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load with weights_only=True: tensors and plain containers only, never code."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pickle-protocol notices; a refusal still raises
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise ClasslabError(f"{path}: file not found") from None
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        text = str(e)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
-            raise ClasslabError(
-                f"{path}: refused to load: the file carries Python objects or code, not just tensors "
-                "(classlab loads checkpoints with weights_only=True)"
-            ) from None
-        raise ClasslabError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+def weights_of(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's "model" weights, with the prefixes of DDP ("module.") and torch.compile removed."""
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ClasslabError(f"{path}: not a classlab checkpoint (no 'model' weights)")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
 
 
 class RunFolder:
@@ -113,12 +99,20 @@ class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    config_path = property(lambda self: self.path / "config.yaml")
-    summary_path = property(lambda self: self.path / "summary.json")
-    metrics_path = property(lambda self: self.path / "metrics.jsonl")
-    failed_path = property(lambda self: self.path / "failed.json")
-    last_path = property(lambda self: self.path / "checkpoints" / "last.pt")
-    best_path = property(lambda self: self.path / "checkpoints" / "best.pt")
+    config_path = property(lambda self: self.path / CONFIG)
+    preprocessing_path = property(lambda self: self.path / PREPROCESSING)
+    input_stats_path = property(lambda self: self.path / INPUT_STATS)
+    model_text_path = property(lambda self: self.path / MODEL_TEXT)
+    model_table_path = property(lambda self: self.path / MODEL_TABLE)
+    run_log_path = property(lambda self: self.path / RUN_LOG)
+    metrics_path = property(lambda self: self.path / METRICS)
+    last_path = property(lambda self: self.path / CHECKPOINTS / LAST)
+    best_path = property(lambda self: self.path / CHECKPOINTS / BEST)
+    predictions_path = property(lambda self: self.path / PREDICTIONS)
+    summary_path = property(lambda self: self.path / SUMMARY)
+    failed_path = property(lambda self: self.path / FAILED)
+    tensorboard_dir = property(lambda self: self.path / TENSORBOARD)
+    lock_path = property(lambda self: self.path / LOCK_NAME)
 
     @property
     def name(self) -> str:
@@ -127,6 +121,17 @@ class RunFolder:
     @property
     def is_complete(self) -> bool:
         return self.summary_path.is_file()
+
+    @property
+    def is_failed(self) -> bool:
+        """Marked failed and not finished since (a later successful run removes failed.json first)."""
+        return self.failed_path.is_file() and not self.is_complete
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return self.last_path.is_file() or self.best_path.is_file()
+
+    # ------------------------------------------------------------------------- lifecycle
 
     def prepare(self, restart: bool = False) -> None:
         if restart and self.path.exists():
@@ -143,7 +148,7 @@ class RunFolder:
         if not restart:  # never overwrite a folder a newer classlab wrote, even an unfinished one
             self.check_format()
         self.failed_path.unlink(missing_ok=True)
-        for folder in (self.path, self.path / "checkpoints"):  # temp files of writes a kill cut short
+        for folder in (self.path, self.path / CHECKPOINTS):  # temp files of writes a kill cut short
             for stale in folder.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
 
@@ -157,6 +162,18 @@ class RunFolder:
             if isinstance(doc, dict):
                 check_format(doc, path)
 
+    def mark_failed(self, reason: str) -> None:
+        atomic_write_json(self.failed_path, {"reason": reason})
+
+    def read_failed(self) -> str:
+        """Why the run failed, as failed.json says (a placeholder when it cannot be read)."""
+        try:
+            return str(json.loads(self.failed_path.read_text(encoding="utf-8")).get("reason", ""))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return f"{FAILED} unreadable"
+
+    # ------------------------------------------------------------------------- what the run is
+
     def write_config(self, config: dict) -> None:
         doc = {"classlab_version": __version__, "format": RUN_FORMAT_VERSION, **config}
         atomic_write_text(self.config_path, yaml.safe_dump(doc, sort_keys=False))
@@ -165,13 +182,53 @@ class RunFolder:
         try:
             doc = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
-            raise ClasslabError(f"{self.path}: not a classlab run folder (no config.yaml)") from None
-        except yaml.YAMLError:
+            raise ClasslabError(f"{self.path}: not a classlab run folder (no {CONFIG})") from None
+        except (yaml.YAMLError, UnicodeDecodeError):
             raise ClasslabError(f"{self.config_path}: unreadable YAML") from None
         check_format(doc, self.config_path)
         doc.pop("classlab_version", None)
         doc.pop("format", None)
         return doc
+
+    def write_preprocessing(self, preprocessing: dict) -> None:
+        atomic_write_json(self.preprocessing_path, preprocessing)
+
+    def read_preprocessing(self) -> dict:
+        """preprocessing.json as written (transforms.Preprocess.from_dict turns it into a Preprocess)."""
+        doc = self.read_json(PREPROCESSING)
+        if not isinstance(doc, dict):
+            raise ClasslabError(f"{self.preprocessing_path}: not a classlab preprocessing file")
+        return doc
+
+    def write_input_stats(self, stats: dict) -> None:
+        atomic_write_json(self.input_stats_path, stats)
+
+    def read_input_stats(self) -> dict | None:
+        """The training images' statistics, or None when the run has none (older runs) or they are unreadable."""
+        return self._optional_json(self.input_stats_path)
+
+    def write_model_summary(self, text: str, table: dict) -> None:
+        """The layer table as text (model_summary.txt) and as data for the report (model_summary.json)."""
+        atomic_write_text(self.model_text_path, text if text.endswith("\n") else text + "\n")
+        atomic_write_json(self.model_table_path, table)
+
+    def read_model_summary(self) -> tuple[str | None, dict | None]:
+        try:
+            text = self.model_text_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = None
+        return text, self._optional_json(self.model_table_path)
+
+    def write_run_log(self, lines: list[str]) -> None:
+        atomic_write_text(self.run_log_path, "".join(line + "\n" for line in lines))
+
+    def read_run_log(self) -> list[str]:
+        try:
+            return self.run_log_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return []
+
+    # ------------------------------------------------------------------------- training
 
     def write_metrics(self, rows: list[dict]) -> None:
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -188,6 +245,90 @@ class RunFolder:
                     raise ClasslabError(f"{self.metrics_path}: line {number} is not valid JSON") from None
         return rows
 
+    def save_epoch(self, state: dict, is_best: bool) -> None:
+        """Write an epoch's training state to last.pt, and to best.pt when it is the best epoch so far.
+
+        torch.save streams into last.pt's temp file (no whole-file copy in memory). A best epoch is not
+        written twice: its temp file is hard-linked to a second temp name (copied where the file system
+        has no hard links), and the renames go best.pt first, then last.pt. So best.pt never lags the
+        best epoch last.pt's early-stopping state records: a kill between the two renames leaves
+        best.pt one epoch ahead of last.pt, and the resumed run redoes that epoch bit for bit and
+        rewrites both. best.pt then holds the full state; readers use only its "model" and "epoch"."""
+        check_checkpoint(state, self.last_path)
+        tmp = write_temp(self.last_path, torch_save_into(state))
+        try:
+            if is_best:
+                commit(_twin(tmp, self.best_path), self.best_path)
+            commit(tmp, self.last_path)
+        finally:
+            tmp.unlink(missing_ok=True)  # only still there when a step above failed
+
+    def save_best(self, model: dict, epoch: int) -> None:
+        """best.pt alone, for a best epoch between two checkpoints (`train.checkpoint_every` > 1): a kill
+        before the next last.pt leaves best.pt ahead of it, and the resume redoes those epochs and
+        rewrites it, as after a kill between save_epoch's two renames."""
+        commit(write_temp(self.best_path, torch_save_into({"model": model, "epoch": epoch})), self.best_path)
+
+    def read_last(self) -> dict:
+        """checkpoints/last.pt, the full training state to resume from (loaded with weights_only=True)."""
+        hint = "; run with --restart to start this run over"
+        try:
+            state = safe_torch_load(self.last_path)
+        except ClasslabError as e:
+            raise ClasslabError(f"{e}{hint}") from None
+        return check_checkpoint(state, self.last_path, hint)
+
+    def result_weights_path(self) -> Path:
+        """The checkpoint the run's test numbers were computed with: summary.json's "weights" (best.pt
+        for a finished run whose summary predates that key); for an unfinished run best.pt, else last.pt."""
+        if self.is_complete:
+            which = self.read_summary().get("weights", "best")
+            if which not in WEIGHTS:
+                raise ClasslabError(f"{self.summary_path}: 'weights' is {which!r}; expected best or last")
+            path = self.best_path if which == "best" else self.last_path
+            if not path.is_file():
+                raise ClasslabError(f"{path}: missing; the run's test results were computed with its weights")
+            return path
+        for path in (self.best_path, self.last_path):
+            if path.is_file():
+                return path
+        raise ClasslabError(f"{self.path}: no {CHECKPOINTS}/{BEST} or {LAST}; has the run trained an epoch yet?")
+
+    def read_result_weights(self) -> tuple[dict[str, torch.Tensor], Path]:
+        """The weights behind the run's test numbers (see result_weights_path), and the file they came from."""
+        path = self.result_weights_path()
+        return weights_of(safe_torch_load(path), path), path
+
+    # ------------------------------------------------------------------------- results
+
+    def write_predictions(self, y_true: Any, probs: Any, worst_index: Any, worst_images: Any) -> None:
+        """Test labels and probabilities (float32; predictions are their argmax) and the worst mistakes'
+        indices and uint8 images. Tensors or arrays."""
+        p = _array(probs).astype(np.float32)
+        arrays = {"y_true": _array(y_true), "y_pred": p.argmax(1), "probs": p,
+                  "worst_index": _array(worst_index), "worst_images": _array(worst_images)}
+        atomic_write(self.predictions_path, lambda f: np.savez_compressed(f, **arrays))
+
+    def read_predictions(self) -> dict[str, np.ndarray] | None:
+        """predictions.npz's arrays; None when missing or unreadable. Plain arrays only: allow_pickle stays
+        off so the file can never run code."""
+        try:
+            with np.load(self.predictions_path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            return None
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.summary_path, {"classlab_version": __version__, "format": RUN_FORMAT_VERSION,
+                                              **summary})
+
+    def read_summary(self) -> dict:
+        summary = self.read_json(SUMMARY)
+        check_format(summary, self.summary_path)
+        return summary
+
+    # ------------------------------------------------------------------------- JSON files
+
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_json(self.path / name, obj)
 
@@ -200,31 +341,13 @@ class RunFolder:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ClasslabError(f"{path}: not valid JSON") from None
 
-    def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.summary_path, {"classlab_version": __version__, "format": RUN_FORMAT_VERSION,
-                                              **summary})
-
-    def read_summary(self) -> dict:
-        summary = self.read_json("summary.json")
-        check_format(summary, self.summary_path)
-        return summary
-
-    def read_last(self) -> dict:
-        """checkpoints/last.pt, the full training state to resume from (loaded with weights_only=True)."""
-        hint = "; run with --restart to start this run over"
+    @staticmethod
+    def _optional_json(path: Path) -> dict | None:
         try:
-            state = safe_torch_load(self.last_path)
-        except ClasslabError as e:
-            raise ClasslabError(f"{e}{hint}") from None
-        missing = [k for k in LAST_KEYS if not isinstance(state, dict) or k not in state]
-        if missing:
-            raise ClasslabError(f"{self.last_path}: not a classlab training checkpoint (no '{missing[0]}'){hint}")
-        if not isinstance(state["epoch"], int) or state["epoch"] < 1:
-            raise ClasslabError(f"{self.last_path}: bad epoch {state['epoch']!r}{hint}")
-        return state
-
-    def mark_failed(self, reason: str) -> None:
-        atomic_write_json(self.failed_path, {"reason": reason})
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return doc if isinstance(doc, dict) else None
 
 
 def check_format(doc: dict, path: Path) -> None:
@@ -241,9 +364,38 @@ def check_format(doc: dict, path: Path) -> None:
 def find_runs(root: str | Path) -> list[RunFolder]:
     """Every finished run folder under `root` (the study folder itself may be a run)."""
     root = Path(root)
-    if (root / "summary.json").is_file():
+    if RunFolder(root).is_complete:
         return [RunFolder(root)]
-    return [RunFolder(p.parent) for p in sorted(root.glob("*/summary.json"))]
+    return [RunFolder(p.parent) for p in sorted(root.glob(f"*/{SUMMARY}"))]
+
+
+def find_failed(root: str | Path) -> list[RunFolder]:
+    """Every run folder under `root` that is marked failed and has not finished since."""
+    return [f for f in (RunFolder(p.parent) for p in sorted(Path(root).glob(f"*/{FAILED}"))) if f.is_failed]
+
+
+def _twin(tmp: Path, target: Path) -> Path:
+    """A second temp name for the finished temp file `tmp`, beside `target`: a hard link (no second
+    write), or a copy where the file system refuses links."""
+    for _ in range(5):
+        twin = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.link(tmp, twin)
+            return twin
+        except FileExistsError:
+            continue
+        except OSError:  # EPERM, EXDEV, ENOTSUP, EMLINK: no hard links here
+            break
+
+    def copy(f) -> None:
+        with open(tmp, "rb") as source:
+            shutil.copyfileobj(source, f, 1 << 20)
+
+    return write_temp(target, copy)
+
+
+def _array(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _remove_all_but(folder: Path, keep: str) -> None:
@@ -255,131 +407,3 @@ def _remove_all_but(folder: Path, keep: str) -> None:
         else:
             child.unlink()
 
-
-# ----------------------------------------------------------------------------- run locks
-
-LOCK_NAME = ".lock"
-
-
-class RunLocked(Exception):
-    """The run is claimed by another process that is (or may be) alive."""
-
-    def __init__(self, path: Path, owner: dict) -> None:
-        self.path, self.owner = path, owner
-        super().__init__(describe_lock(path, owner))
-
-
-def describe_lock(path: Path, owner: dict) -> str:
-    if not owner:
-        return f"locked by an unreadable {path}; remove it if no job trains this run, or pass --steal-locks"
-    who = f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('started')}"
-    hint = "" if _alive_here(owner) else "; if that job is gone, pass --steal-locks"
-    return f"being trained by {who} (lock {path}){hint}"
-
-
-def read_lock(path: Path) -> dict | None:
-    """The lock's owner; None when there is no lock, {} when it cannot be read (e.g. half written)."""
-    try:
-        owner = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return owner if isinstance(owner, dict) else {}
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this machine; a zombie (exited, not yet reaped, e.g. a killed
-    torchrun worker whose parent is gone too) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    except (OverflowError, ValueError):
-        return False
-    try:  # Linux: the state letter follows the parenthesised command name
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _alive_here(owner: dict) -> bool:
-    return owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) and _pid_alive(owner["pid"])
-
-
-def _dead_here(owner: dict) -> bool:
-    """Provably stale: written on this machine by a process that no longer exists."""
-    return owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
-        and not _pid_alive(owner["pid"])
-
-
-@dataclass(frozen=True)
-class RunLock:
-    """One process's claim on a run folder, so two processes (shards, machines, or two accidental
-    `classlab run`s) never train the same run: `<run>/.lock`, created atomically with
-    O_CREAT | O_EXCL (atomic on local file systems and on NFSv3+), holding host, pid, start time and a
-    random token.
-
-    Policy for a lock that is already there: a lock of a process on this machine that no longer
-    exists (killed, crashed) is taken over; a live process's lock is respected; a lock from another
-    machine cannot be checked from here, so it is respected unless `steal` is set (`--steal-locks`:
-    only when you know that job is gone, e.g. a cancelled SLURM job). Taking over moves the old lock
-    aside under a name of this process's own and checks it is the one judged stale, so two processes
-    taking over the same lock cannot both win."""
-
-    path: Path
-    owner: dict
-
-    @classmethod
-    def acquire(cls, run_dir: Path, steal: bool = False) -> RunLock:
-        """Claim `run_dir` (created if missing); raises RunLocked when another process holds it."""
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ClasslabError(f"cannot create run folder {run_dir}: {e.strerror}; choose another out_dir") from None
-        path = run_dir / LOCK_NAME
-        for _ in range(5):
-            owner = {"host": socket.gethostname(), "pid": os.getpid(),
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": secrets.token_hex(8)}
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_UMASK)
-            except FileExistsError:
-                held = read_lock(path)
-                if held is None:
-                    continue  # released meanwhile: try again
-                if not (_dead_here(held) or (steal and not _alive_here(held))):
-                    raise RunLocked(path, held) from None
-                _move_aside(path, held)
-                continue
-            except OSError as e:
-                raise ClasslabError(f"cannot create lock {path}: {e.strerror}") from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(owner, f)
-                f.flush()
-                os.fsync(f.fileno())
-            return cls(path, owner)
-        raise RunLocked(path, read_lock(path) or {})
-
-    def release(self) -> None:
-        """Remove the lock, if it is still this process's (never one that someone took over)."""
-        held = read_lock(self.path)
-        if held is not None and held.get("token") == self.owner["token"]:
-            self.path.unlink(missing_ok=True)
-
-
-def _move_aside(path: Path, judged: dict) -> None:
-    """Remove the stale lock `judged`; if what was moved is not it (it was taken over in between), put
-    that one back."""
-    aside = path.with_name(f"{LOCK_NAME}.stale-{socket.gethostname()}-{os.getpid()}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    try:
-        if read_lock(aside) != judged:
-            with contextlib.suppress(FileExistsError):  # a newer lock appeared meanwhile: that one stands
-                os.link(aside, path)
-    finally:
-        aside.unlink(missing_ok=True)

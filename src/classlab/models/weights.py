@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from classlab.errors import ClasslabError
-from classlab.runs import safe_torch_load
+from classlab.io import safe_torch_load
+from classlab.runs import RunFolder
 
 # torchvision's ResNet18_Weights.IMAGENET1K_V1 (file name carries the sha256 prefix torch.hub checks)
 IMAGENET_URLS = {"resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth"}
@@ -59,15 +60,18 @@ def imagenet_weights_file(arch: str) -> Path:
 
 
 def load_state_dict_from(source: str) -> tuple[dict[str, torch.Tensor], str]:
-    """A state dict from a .pth/.pt file (torchvision or classlab format) or a run folder's best.pt."""
+    """A state dict from a .pth/.pt file (torchvision or classlab format) or a classlab run folder (the
+    weights its test results came from, RunFolder.read_result_weights)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"):
-            if candidate.is_file():
-                path = candidate
-                break
-        else:
+        folder = RunFolder(path)
+        if not folder.has_checkpoint:
             raise ClasslabError(f"model.pretrained: {source} is a folder but holds no classlab checkpoint")
+        try:
+            state, found = folder.read_result_weights()
+        except ClasslabError as e:
+            raise ClasslabError(f"model.pretrained: {e}") from None
+        return state, str(found)
     if not path.is_file():
         raise ClasslabError(
             f"model.pretrained: '{source}' is not a file or run folder; use none, imagenet, a .pth file or a run folder"

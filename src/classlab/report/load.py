@@ -6,14 +6,15 @@ rather than failing the whole report.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from classlab.errors import ClasslabError
-from classlab.runs import RunFolder, find_runs
+from classlab.runs import RunFolder, find_failed, find_runs
 
 
 @dataclass
@@ -45,56 +46,33 @@ class FailedRun:
     reason: str
 
 
-def _optional_json(folder: RunFolder, name: str) -> dict | None:
-    path = folder.path / name
-    if not path.is_file():
-        return None
+def _optional(read: Callable[[], Any]) -> Any:
+    """What `read` returns, or None when the piece is missing or unreadable."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _predictions(path: Path) -> dict[str, np.ndarray] | None:
-    """predictions.npz holds plain arrays only; allow_pickle stays off so it can never run code."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError):
+        return read()
+    except ClasslabError:
         return None
 
 
 def load_run(folder: RunFolder) -> RunData:
     summary = folder.read_summary()
-    text_path = folder.path / "model_summary.txt"
-    model_json = _optional_json(folder, "model_summary.json")
+    model_text, model_table = folder.read_model_summary()
     return RunData(
         name=str(summary.get("name", folder.name)),
         path=folder.path,
         summary=summary,
         config=folder.read_config() if folder.config_path.is_file() else {},
         metrics=folder.read_metrics(),
-        preprocessing=_optional_json(folder, "preprocessing.json"),
-        model_rows=model_json.get("rows") if model_json else None,
-        model_text=text_path.read_text(encoding="utf-8") if text_path.is_file() else None,
-        predictions=_predictions(folder.path / "predictions.npz"),
+        preprocessing=_optional(folder.read_preprocessing),
+        model_rows=model_table.get("rows") if model_table else None,
+        model_text=model_text,
+        predictions=folder.read_predictions(),
     )
 
 
 def failed_runs(study_folder: Path) -> list[FailedRun]:
     """Runs that wrote failed.json instead of summary.json."""
-    out = []
-    for path in sorted(study_folder.glob("*/failed.json")):
-        if (path.parent / "summary.json").is_file():
-            continue
-        try:
-            reason = str(json.loads(path.read_text(encoding="utf-8")).get("reason", ""))
-        except (OSError, json.JSONDecodeError, AttributeError):
-            reason = "failed.json unreadable"
-        out.append(FailedRun(path.parent.name, reason))
-    return out
+    return [FailedRun(f.name, f.read_failed()) for f in find_failed(study_folder)]
 
 
 def load_study_runs(study_folder: str | Path) -> tuple[list[RunData], list[FailedRun]]:
