@@ -30,15 +30,15 @@ loader does at training time) before steps 3-4: study E's own-photo recipe (gray
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from classlab.decode import AlphaOn, ImageTooLarge, decode
 from classlab.errors import one_line
 
 MAX_PIXELS = 40_000_000  # decoded pixels; above it a photo is refused (a 40 MP RGBA image is 160 MB)
@@ -50,7 +50,6 @@ STATS_SAMPLE = 2000  # training images measured by input_stats (evenly spaced) .
 STATS_PIXELS = 20_000_000  # ... and at most this many pixels of them (80 MB as floats)
 STATS_TOLERANCE = 0.05  # brightness outside the training range by more than this is a warning
 FLOOR_QUANTILE = 0.05  # an image's "floor": the brightness of its darkest 5% of pixels (0 on a black background)
-SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class PhotoError(Exception):
@@ -66,7 +65,7 @@ class PhotoOptions:
     background: bool = True
     crop: bool = True
     margin: float = 0.0
-    alpha_on: Literal["auto", "black", "white"] = "auto"
+    alpha_on: AlphaOn = "auto"
     max_side: int | None = WORK_SIDE
 
 
@@ -86,17 +85,18 @@ class Prepared:
 
 
 def read_photo(path: Path, options: PhotoOptions) -> Image.Image:
-    """Decode one file into an 8-bit L or RGB image; any problem is a one-line PhotoError."""
+    """Decode one file (classlab.decode, the image-folder loader's decoder too) into an 8-bit L or RGB
+    image; any problem is a one-line PhotoError."""
     if path.is_file() and path.stat().st_size == 0:
         raise PhotoError("empty file")
     try:
         with warnings.catch_warnings():
-            # our own MAX_PIXELS check below is stricter than Pillow's warning threshold
+            # our own MAX_PIXELS check is stricter than Pillow's warning threshold
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                return _decode(img, options)
-    except PhotoError:
-        raise
+                return decode(img, options.alpha_on, options.max_side, MAX_PIXELS)
+    except ImageTooLarge as e:
+        raise PhotoError(str(e)) from None
     except Image.DecompressionBombError as e:
         raise PhotoError(f"refused by Pillow as a possible decompression bomb ({one_line(e)})") from None
     except UnidentifiedImageError:
@@ -109,65 +109,6 @@ def read_photo(path: Path, options: PhotoOptions) -> Image.Image:
         raise PhotoError("out of memory while decoding") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, zlib.error ... on broken files
         raise PhotoError(f"unreadable image ({type(e).__name__}: {one_line(e) or 'corrupt data'})") from None
-
-
-def _decode(img: Image.Image, options: PhotoOptions) -> Image.Image:
-    """Frame 0, draft-decode large JPEGs, refuse huge images before decoding, then normalize the mode."""
-    img.seek(0)
-    if options.max_side and img.format == "JPEG":
-        img.draft(img.mode, (options.max_side, options.max_side))  # DCT scaling: decodes at 1/2, 1/4 or 1/8
-    width, height = img.size
-    if width * height > MAX_PIXELS:
-        raise PhotoError(
-            f"{width}×{height} pixels ({width * height / 1e6:.0f} MP) is above classlab's limit of "
-            f"{MAX_PIXELS / 1e6:.0f} MP for photos; downscale it first"
-        )
-    img.load()
-    img = _plain_mode(_to_8bit(ImageOps.exif_transpose(img)))
-    if options.max_side and max(img.size) > options.max_side:  # before any float copy of the pixels
-        img = img.reduce(math.ceil(max(img.size) / options.max_side))
-    return _composite(img, options.alpha_on)
-
-
-def _plain_mode(img: Image.Image) -> Image.Image:
-    """L, RGB or RGBA: palette and other modes converted, transparency kept for compositing."""
-    if img.mode in ("L", "RGB", "RGBA"):
-        return img
-    if img.mode in ("LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
-        return img.convert("RGBA")
-    return img.convert("L" if img.mode == "1" else "RGB")
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and 32-bit gray scaled to 0..255 (as the image-folder loader does); others unchanged."""
-    if img.mode not in (*SIXTEEN_BIT, "F"):
-        return img
-    arr = np.array(img, dtype=np.float32)
-    top = float(arr.max()) if arr.size else 0.0
-    scale = 65535.0 if top > 255 else 255.0
-    if img.mode == "F" and top <= 1.0:  # float images in 0..1
-        scale = 1.0
-    arr *= 255.0 / scale  # in place: a 40 MP 16-bit image costs one float copy, not four
-    np.clip(arr, 0, 255, out=arr)
-    return Image.fromarray(np.rint(arr, out=arr).astype(np.uint8))
-
-
-def _composite(img: Image.Image, alpha_on: str) -> Image.Image:
-    """Transparent pixels get a background: white under dark drawings, black under light ones ("auto")."""
-    if img.mode != "RGBA":
-        return img
-    white = alpha_on == "white" or (alpha_on == "auto" and _dark_content(img))
-    colour = (255, 255, 255, 255) if white else (0, 0, 0, 255)
-    return Image.alpha_composite(Image.new("RGBA", img.size, colour), img).convert("RGB")
-
-
-def _dark_content(img: Image.Image) -> bool:
-    """Whether the opaque part of an RGBA image is dark on average (measured on a ≤256 px copy)."""
-    factor = math.ceil(max(img.size) / 256)
-    rgba = np.asarray(img.reduce(factor) if factor > 1 else img, dtype=np.float32)
-    weight = rgba[..., 3] / 255.0
-    luma = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return bool(weight.sum() > 0 and float((luma * weight).sum() / weight.sum()) < 128)
 
 
 # ----------------------------------------------------------------------------- preparation steps

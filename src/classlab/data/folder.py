@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from classlab.decode import GRAY_MODES, decode
 from classlab.errors import ClasslabError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -42,23 +43,16 @@ def find_splits(root: Path) -> dict[str, Path]:
 
 
 def open_image(path: Path, channels: int, size: tuple[int, int] | None) -> np.ndarray:
-    """One image as uint8 H×W×C. RGBA is composited on black, 16-bit scaled to 8 bits."""
+    """One image as uint8 H×W×C, decoded as a photo is (classlab.decode: transparency on black, 16-bit
+    scaled to 8 bits, EXIF orientation), then converted to `channels` and resized (bilinear) to `size`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with Image.open(path) as img:
-            img.seek(0)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                hi = 65535.0 if arr.max() > 255 else 255.0
-                img = Image.fromarray((arr / hi * 255).round().astype(np.uint8))
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-                img = Image.alpha_composite(background, rgba)
-            img = img.convert("L" if channels == 1 else "RGB")
-            if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            img = decode(img, alpha_on="black")
+    img = img.convert("L" if channels == 1 else "RGB")
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -66,7 +60,7 @@ def _guess_channels(files: list[Path]) -> int:
     for path in files[:50]:
         try:
             with Image.open(path) as img:
-                if img.mode not in ("L", "LA", "1", "I;16", "I;16B", "I;16L", "I", "F"):
+                if img.mode not in GRAY_MODES:
                     return 3
         except (OSError, UnidentifiedImageError, ValueError):
             continue
