@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classlab.report.compare import compare, photo_probs, read_photos
+from classlab.inference import load_run
+from classlab.predict import expand_inputs, photo_options, predict_paths
+from classlab.report.compare import compare, image_files, photo_inputs
 from classlab.runs import RunFolder
 from tests.conftest import make_idx_folder, synthetic_images, tiny_study, write_study
 
@@ -31,8 +34,9 @@ def two_runs(tmp_path_factory) -> Path:
 
 
 def _npz(run: Path) -> dict[str, np.ndarray]:
-    with np.load(run / "predictions.npz") as npz:
-        return {k: npz[k] for k in npz.files}
+    predictions = RunFolder(run).read_predictions()
+    assert predictions is not None
+    return predictions
 
 
 def test_compare_on_the_test_set(two_runs, run_cli):
@@ -64,18 +68,17 @@ def test_counts_add_up(two_runs, tmp_path):
 
 def test_own_images_go_through_each_runs_preprocessing(two_runs, tmp_path):
     """A test image saved as a PNG gets exactly the probabilities the run stored for it: channels, size,
-    normalization and (for the permuted run) the pixel permutation are all applied as in evaluation."""
+    normalization and (for the permuted run) the pixel permutation are all applied as in evaluation
+    (photo preparation off: the PNG already is a dataset image)."""
     images, labels = synthetic_images(80, 4, 28, seed=1)  # the toy test split, in file order
-    for run in ("original", "permuted"):
-        stored = _npz(two_runs / run)
+    for i in range(5):
+        Image.fromarray(images[i]).save(tmp_path / f"img{i}.png")
+    a, b = RunFolder(two_runs / "original"), RunFolder(two_runs / "permuted")
+    inputs, side_a, side_b = photo_inputs(a, b, tmp_path, device="cpu", prepare_photo=False)
+    assert not inputs.skipped and inputs.names == [f"img{i}.png" for i in range(5)]
+    for side, run in ((side_a, a), (side_b, b)):
+        stored = _npz(run.path)
         assert np.array_equal(stored["y_true"], labels)
-        folder = tmp_path / run
-        folder.mkdir()
-        for i in range(5):
-            Image.fromarray(images[i]).save(folder / f"img{i}.png")
-        files, photos, skipped = read_photos(sorted(folder.glob("*.png")))
-        assert not skipped
-        side = photo_probs(RunFolder(two_runs / run), photos)
         np.testing.assert_allclose(side.probs, stored["probs"][:5], atol=1e-5)
 
 
@@ -105,3 +108,84 @@ def test_compare_bad_input_is_one_line(two_runs, run_cli, tmp_path):
     code, _, err = run_cli("compare", str(two_runs / "original"), str(two_runs / "permuted"),
                            "--images", str(tmp_path / "empty"))
     assert code == 2 and "no image files" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- one inference path
+
+
+def _rgb_image_folder(root: Path, size: int = 16) -> Path:
+    """Three classes of RGB images: class c is bright in colour channel c (a split per folder)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for c, name in enumerate(("red", "green", "blue")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 70, (size, size, 3), dtype=np.uint8)
+                arr[..., c] += 150
+                Image.fromarray(arr).save(folder / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def rgb_run(tmp_path_factory) -> Path:
+    """An image-folder run on 3-channel 16×16 images, one epoch: trained once for this module."""
+    from classlab.cli import main
+
+    root = tmp_path_factory.mktemp("rgb")
+    data = {"dataset": "image-folder", "root": str(_rgb_image_folder(root / "images")), "val_fraction": 0.2}
+    study = tiny_study(root, root / "images", data=data, train={"epochs": 1, "batch_size": 8, "optimizer": "adam",
+                                                                 "lr": 0.01})
+    try:
+        main(["run", str(write_study(root / "s.yaml", study))])
+    except SystemExit as e:
+        assert not e.code
+    return root / "runs" / "toy" / "base"
+
+
+def _photos(folder: Path, seed: int) -> Path:
+    """Photos as users have them: a dark drawing on a white page, a colour JPEG, a transparent PNG,
+    a 16-bit gray PNG and a palette GIF, each at its own size."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    page = np.full((70, 90), 255, np.uint8)
+    page[20:50, 30:55] = rng.integers(0, 80, (30, 25), dtype=np.uint8)
+    Image.fromarray(page).save(folder / "drawing.png")
+    Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(folder / "colour.jpg", quality=90)
+    rgba = rng.integers(0, 255, (40, 40, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(folder / "transparent.png")
+    Image.fromarray(rng.integers(0, 65535, (33, 31), dtype=np.uint16)).save(folder / "sixteen.png")
+    Image.fromarray(rng.integers(0, 255, (24, 36, 3), dtype=np.uint8)).convert("P", palette=Image.ADAPTIVE).save(
+        folder / "palette.gif")
+    return folder
+
+
+def _assert_compare_equals_predict(run_a: Path, run_b: Path, photos: Path, run_cli) -> None:
+    """Each photo's probabilities in `compare --images` (its library call) equal `predict`'s, photo by
+    photo (predict sees one file at a time, compare all of them in one batch), within 1e-6."""
+    inputs, side_a, side_b = photo_inputs(RunFolder(run_a), RunFolder(run_b), photos, device="cpu")
+    assert not inputs.skipped and len(inputs.names) == len(image_files(photos)) == 5
+    for side, run_dir in ((side_a, run_a), (side_b, run_b)):
+        run = load_run(run_dir, "cpu")
+        for name, probs in zip(inputs.names, side.probs, strict=True):
+            (result,) = predict_paths(run, expand_inputs([photos / name]), photo_options(run))
+            np.testing.assert_allclose(probs, result.probs, rtol=0, atol=1e-6)
+        # and through the command line (its JSON rounds to 6 decimals: within 5e-7 of the value)
+        name = inputs.names[0]
+        code, out, err = run_cli("predict", str(run_dir), str(photos / name), "--json", "--device", "cpu",
+                                 "--top-k", str(len(run.classes)))
+        assert code == 0, err
+        top = {t["index"]: t["probability"] for t in json.loads(out)[0]["top"]}
+        np.testing.assert_allclose([top[k] for k in range(len(run.classes))], side.probs[0], rtol=0, atol=1e-6)
+
+
+def test_compare_and_predict_agree_on_an_mnist_style_run(two_runs, tmp_path, run_cli):
+    """1-channel 28×28 runs: the photos are prepared (inverted, cropped, ...) the same way by both."""
+    assert load_run(two_runs / "original", "cpu").mnist_style
+    _assert_compare_equals_predict(two_runs / "original", two_runs / "permuted", _photos(tmp_path / "p", 0), run_cli)
+
+
+def test_compare_and_predict_agree_on_an_rgb_run(rgb_run, tmp_path, run_cli):
+    run = load_run(rgb_run, "cpu")
+    assert run.stored_shape == (3, 16, 16) and not run.mnist_style
+    _assert_compare_equals_predict(rgb_run, rgb_run, _photos(tmp_path / "p", 1), run_cli)

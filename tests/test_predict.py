@@ -25,6 +25,7 @@ from rich.console import Console
 from classlab.config import DataConfig
 from classlab.data import load_dataset
 from classlab.errors import ClasslabError
+from classlab.inference import load_run, transform
 from classlab.photo import (
     MAX_PIXELS,
     PhotoError,
@@ -36,7 +37,8 @@ from classlab.photo import (
     read_photo,
     should_invert,
 )
-from classlab.predict import load_run, model_input, photo_options, predict_paths
+from classlab.predict import photo_options, predict_paths
+from classlab.runs import RunFolder
 from classlab.study import run_study
 from tests.conftest import demo_study_copy
 
@@ -88,6 +90,11 @@ def photo_png(tmp_path, sample) -> Path:
     path = tmp_path / "drawing.png"
     Image.fromarray(photo_of(sample["image"])).save(path)
     return path
+
+
+def model_input(run, images: torch.Tensor) -> torch.Tensor:
+    """The float tensor the model sees for uint8 N×C×H×W images: the run's own evaluation transform."""
+    return transform(run)(images.to(run.device))
 
 
 def predict_one(run, path: Path, **steps):
@@ -268,7 +275,7 @@ def test_user_errors_are_one_line_exit_2(demo_runs, photo_png, tmp_path, run_cli
     assert code == 2 and "gray" in err
     copy = tmp_path / "copy"
     shutil.copytree(demo_runs / "original", copy)
-    torch.save({"model": {}, "extra": Path("x")}, copy / "checkpoints" / "best.pt")  # a pickled Python object
+    torch.save({"model": {}, "extra": Path("x")}, RunFolder(copy).result_weights_path())  # a pickled Python object
     code, _, err = run_cli("predict", str(copy), str(photo_png))
     assert code == 2 and "weights_only=True" in err
 

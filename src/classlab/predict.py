@@ -1,10 +1,9 @@
 """Predict on a user's own images with exactly the preprocessing the run was evaluated with.
 
-The run folder holds everything needed: config.yaml (which model), preprocessing.json (stored image
-shape, normalization, pixel permutation, class names), checkpoints/best.pt (weights, loaded with
-weights_only=True) and, when the run wrote it, input_stats.json (training brightness, for the input
-check). `classlab.photo` turns each file into what a dataset image is (uint8 C×H×W); from there the
-run's own BatchTransform and `predict_logits` apply, the same code its test evaluation used.
+`classlab.inference` loads the run (model from config.yaml, the weights its test results came from,
+preprocessing.json, input_stats.json for the input check) and applies it; `classlab.photo` turns each
+file into what a dataset image is (uint8 C×H×W) first. `compare --images` goes through the same
+functions, so both commands give one photo the same probabilities.
 """
 
 from __future__ import annotations
@@ -18,13 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
-from classlab.config import RunConfig, validate
 from classlab.data.folder import IMAGE_EXTENSIONS
 from classlab.errors import ClasslabError, one_line
-from classlab.models import build_model
+from classlab.inference import LoadedRun, load_run, predict_images
+from classlab.io import atomic_write_bytes
 from classlab.photo import (
     PLAIN,
     WORK_SIDE,
@@ -32,51 +29,17 @@ from classlab.photo import (
     PhotoOptions,
     Prepared,
     check_input,
-    fallback_stats,
     margin_from_fill,
     prepare,
     read_photo,
 )
-from classlab.runs import RunFolder, atomic_write_bytes, safe_torch_load
-from classlab.train.loop import predict_logits, resolve_device
-from classlab.transforms import BatchTransform, Preprocess
 
-# Datasets whose images are light objects on black, centred and filling the frame: photos get prepared.
-MNIST_STYLE = ("mnist", "fashion-mnist", "demo", "idx")
 # Crop margin per dataset when the run has no input_stats.json: MNIST digits are 20 px in a 28 px frame
 # ((28 / 20 - 1) / 2 = 0.2); Fashion-MNIST products fill the frame on their long side.
 DEFAULT_MARGIN = {"mnist": 0.2, "fashion-mnist": 0.0, "demo": 0.0}
 OTHER_MARGIN = 0.1
-BATCH = 256
+CHUNK = 256  # files decoded and predicted together
 THUMBNAIL = 512
-
-
-@dataclass
-class LoadedRun:
-    """A finished (or interrupted) run, ready to predict: model on its device, preprocessing, stats."""
-
-    path: Path
-    config: RunConfig
-    pre: Preprocess
-    model: nn.Module
-    device: torch.device
-    stats: dict
-    stats_source: str
-    checkpoint: str
-    finished: bool
-
-    @property
-    def stored_shape(self) -> tuple[int, int, int]:
-        """C×H×W of the run's uint8 images, before any gray->RGB or resize of its BatchTransform."""
-        return tuple(getattr(self.pre, "stored_shape", None) or self.pre.input_shape)  # type: ignore[return-value]
-
-    @property
-    def mnist_style(self) -> bool:
-        return self.config.data.dataset in MNIST_STYLE and self.stored_shape[0] == 1
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return self.pre.classes
 
 
 @dataclass
@@ -97,57 +60,7 @@ class Failure:
     message: str
 
 
-# ----------------------------------------------------------------------------- loading
-
-
-def load_run(path: str | Path, device: str = "auto") -> LoadedRun:
-    """Read a run folder and rebuild its model from the best checkpoint (weights only)."""
-    folder = RunFolder(path)
-    if not folder.path.is_dir():
-        raise ClasslabError(f"{folder.path}: no such run folder")
-    cfg = validate(RunConfig, folder.read_config(), where=str(folder.config_path))
-    try:
-        pre = Preprocess.from_dict(folder.read_json("preprocessing.json"))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise ClasslabError(f"{folder.path / 'preprocessing.json'}: not a classlab preprocessing file") from None
-    state, checkpoint = _weights(folder)
-    model_cfg = cfg.model
-    if getattr(model_cfg, "pretrained", "none") != "none":  # the checkpoint holds every weight
-        model_cfg = model_cfg.model_copy(update={"pretrained": "none"})
-    model = build_model(model_cfg, len(pre.classes), tuple(pre.input_shape))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ClasslabError(f"{checkpoint}: weights do not fit the run's model ({one_line(e)[:200]})") from None
-    dev = resolve_device(device)
-    stats, source = _stats(folder, pre, cfg.data.dataset in MNIST_STYLE)
-    return LoadedRun(folder.path, cfg, pre, model.to(dev).eval(), dev, stats, source, str(checkpoint),
-                     folder.is_complete)
-
-
-def _weights(folder: RunFolder) -> tuple[dict, Path]:
-    """best.pt's weights (last.pt's when an interrupted run has no best yet), module. prefixes removed."""
-    path = folder.best_path if folder.best_path.is_file() else folder.last_path
-    if not path.is_file():
-        raise ClasslabError(f"{folder.path}: no checkpoints/best.pt; has the run trained an epoch yet?")
-    ckpt = safe_torch_load(path)
-    state = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ClasslabError(f"{path}: not a classlab checkpoint (no 'model' weights)")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}, path
-
-
-def _stats(folder: RunFolder, pre: Preprocess, dark_background: bool) -> tuple[dict, str]:
-    """input_stats.json when the run stored it, else bounds derived from the normalization."""
-    path = folder.path / "input_stats.json"
-    if path.is_file():
-        try:
-            stats = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(stats, dict) and "image_mean_range" in stats:
-                return stats, path.name
-        except (OSError, json.JSONDecodeError):
-            pass
-    return fallback_stats(pre.mean, pre.std, dark_background), "preprocessing.json"
+# ----------------------------------------------------------------------------- photo options
 
 
 def photo_options(run: LoadedRun, prepare_photo: bool | None = None, grayscale: bool | None = None,
@@ -199,39 +112,21 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path | Failure]:
     return items
 
 
-def model_input(run: LoadedRun, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """The float tensor the model sees for uint8 N×C×H×W images: the run's own BatchTransform."""
-    return _transform(run, normalize)(images.to(run.device))
-
-
-def _transform(run: LoadedRun, normalize: bool) -> BatchTransform:
-    pre = run.pre
-    if not normalize:  # diagnostic: what the model would make of unnormalized input
-        pre = dataclasses.replace(pre, mean=(0.0,) * len(pre.mean), std=(1.0,) * len(pre.std))
-    return BatchTransform(pre, None, run.device)
-
-
-def predict_images(run: LoadedRun, images: np.ndarray, normalize: bool = True) -> np.ndarray:
-    """Class probabilities for prepared uint8 N×C×H×W images, through the evaluation code path."""
-    batch = torch.from_numpy(np.ascontiguousarray(images))
-    logits = predict_logits(run.model, batch, _transform(run, normalize), BATCH, run.device, run.config.train.amp)
-    return logits.softmax(1).cpu().numpy()
-
-
 def predict_paths(run: LoadedRun, items: Iterable[Path | Failure], options: PhotoOptions, normalize: bool = True,
-                  keep_original: bool = False) -> Iterator[Prediction | Failure]:
-    """Prepare and predict file by file (in batches), yielding results in input order; a bad file is a Failure."""
+                  keep_original: bool = False, thumbnail: int = THUMBNAIL) -> Iterator[Prediction | Failure]:
+    """Prepare and predict file by file (in batches), yielding results in input order; a bad file is a
+    Failure. `keep_original` keeps each decoded photo, shrunk to `thumbnail` pixels a side, for showing."""
     chunk: list[Path | Failure] = []
     for item in items:
         chunk.append(item)
-        if len(chunk) == BATCH:
-            yield from _predict_chunk(run, chunk, options, normalize, keep_original)
+        if len(chunk) == CHUNK:
+            yield from _predict_chunk(run, chunk, options, normalize, thumbnail if keep_original else 0)
             chunk = []
-    yield from _predict_chunk(run, chunk, options, normalize, keep_original)
+    yield from _predict_chunk(run, chunk, options, normalize, thumbnail if keep_original else 0)
 
 
 def _predict_chunk(run: LoadedRun, chunk: list[Path | Failure], options: PhotoOptions, normalize: bool,
-                   keep_original: bool) -> list[Prediction | Failure]:
+                   thumbnail: int) -> list[Prediction | Failure]:
     prepared: dict[int, Prepared] = {}
     results: list[Prediction | Failure | None] = []
     for i, item in enumerate(chunk):
@@ -239,7 +134,7 @@ def _predict_chunk(run: LoadedRun, chunk: list[Path | Failure], options: PhotoOp
             results.append(item)
             continue
         try:
-            prepared[i] = prepare_file(item, run.stored_shape, options, keep_original)
+            prepared[i] = prepare_file(item, run.stored_shape, options, thumbnail)
             results.append(None)
         except PhotoError as e:
             results.append(Failure(item, str(e)))
@@ -250,14 +145,14 @@ def _predict_chunk(run: LoadedRun, chunk: list[Path | Failure], options: PhotoOp
     return results  # type: ignore[return-value]
 
 
-def prepare_file(path: Path, shape: tuple[int, int, int], options: PhotoOptions,
-                 keep_original: bool = False) -> Prepared:
-    """Decode and prepare one file; PhotoError when it cannot be used."""
+def prepare_file(path: Path, shape: tuple[int, int, int], options: PhotoOptions, thumbnail: int = 0) -> Prepared:
+    """Decode and prepare one file (keeping an RGB copy of at most `thumbnail` pixels a side when it is
+    not 0); PhotoError when it cannot be used."""
     img = read_photo(path, options)
     prepared = prepare(img, shape, options)
-    if keep_original:
+    if thumbnail:
         thumb = img.convert("RGB")
-        thumb.thumbnail((THUMBNAIL, THUMBNAIL))
+        thumb.thumbnail((thumbnail, thumbnail))
         prepared.original = thumb
     return prepared
 

@@ -2,8 +2,9 @@
 
 On the test set the probabilities are the ones stored with each run (predictions.npz), so nothing is
 re-evaluated; the images themselves come from the run's dataset (when it can still be loaded). On the
-user's own images each model sees them through its own run's preprocessing (channels, size, mean/std,
-pixel permutation) and its checkpoints/best.pt weights.
+user's own images each run is loaded and applied by `classlab.inference`, each photo prepared by
+`classlab.photo` with the run's own defaults, exactly as `classlab predict` does: the same photo gets
+the same probabilities from both commands.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from classlab.config import RunConfig, validate
 from classlab.errors import ClasslabError, one_line
+from classlab.inference import load_run, run_config
+from classlab.predict import Failure, Prediction, expand_inputs, photo_options, predict_paths
 from classlab.report import plots
 from classlab.report.context import slug
 from classlab.report.render import write_pages
-from classlab.runs import RunFolder, safe_torch_load
+from classlab.runs import RunFolder
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_TABLE_ROWS = 100
+THUMBNAIL = 96  # pixels a side of the photo shown beside the bars
 
 
 @dataclass
@@ -66,20 +67,16 @@ class CompareResult:
 def _run_folder(path: str | Path) -> RunFolder:
     folder = RunFolder(path)
     if not folder.is_complete:
-        raise ClasslabError(f"{folder.path}: not a finished classlab run (no summary.json)")
+        raise ClasslabError(f"{folder.path}: not a finished classlab run (no {folder.summary_path.name})")
     return folder
 
 
-def _run_config(folder: RunFolder) -> RunConfig:
-    return validate(RunConfig, folder.read_config(), where=str(folder.config_path))
-
-
 def _predictions(folder: RunFolder) -> dict[str, np.ndarray]:
-    path = folder.path / "predictions.npz"
-    if not path.is_file():
-        raise ClasslabError(f"{path}: missing; this run has no stored test predictions")
-    with np.load(path, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+    predictions = folder.read_predictions()
+    if predictions is None:
+        raise ClasslabError(f"{folder.predictions_path}: missing or unreadable; this run has no stored test "
+                            "predictions")
+    return predictions
 
 
 # ----------------------------------------------------------------------------- the test set
@@ -90,7 +87,7 @@ def _test_images(folder: RunFolder, y_true: np.ndarray) -> tuple[np.ndarray | No
     from classlab.data import load_dataset
 
     try:
-        test = load_dataset(_run_config(folder).data).test
+        test = load_dataset(run_config(folder).data).test
     except ClasslabError as e:
         return None, f"test images not shown: {one_line(e)}"
     if len(test) != len(y_true) or not np.array_equal(test.labels.numpy(), y_true):
@@ -115,83 +112,44 @@ def test_set_inputs(a: RunFolder, b: RunFolder) -> tuple[Inputs, Side, Side]:
 
 
 def image_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise ClasslabError(f"--images {path}: no such file or folder")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The file itself, or a folder's image files (as predict lists them); an error when there are none."""
+    items = expand_inputs([path])
+    files = [i for i in items if isinstance(i, Path)]
+    failures = [i for i in items if isinstance(i, Failure)]
     if not files:
-        raise ClasslabError(f"--images {path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ClasslabError(f"--images {path}: {failures[0].message if failures else 'no image files'}")
     return files
 
 
-def read_photos(files: list[Path]) -> tuple[list[Path], list[Any], list[str]]:
-    """Open every file with PIL; unreadable ones are skipped and named."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    good, images, skipped = [], [], []
-    for path in files:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                images.append(ImageOps.exif_transpose(img).copy())
-            good.append(path)
-        except (OSError, UnidentifiedImageError, ValueError):
-            skipped.append(path.name)
-    return good, images, skipped
+def photo_predictions(folder: RunFolder, files: list[Path], device: str = "auto", thumbnail: int = 0,
+                      **steps) -> tuple[list[str], list[Prediction | Failure]]:
+    """One run's classes and its prediction for every file, as `classlab predict` makes them (the run's
+    default photo preparation, with any step switched as predict's options do)."""
+    run = load_run(folder.path, device)
+    options = photo_options(run, **steps)
+    results = list(predict_paths(run, files, options, keep_original=thumbnail > 0, thumbnail=thumbnail))
+    return list(run.classes), results
 
 
-def photo_batch(images: list[Any], shape: tuple[int, int, int]) -> torch.Tensor:
-    """PIL images -> uint8 N×C×H×W at the run's stored image shape (channels, then size)."""
-    from PIL import Image
-
-    c, h, w = shape
-    arrays = []
-    for img in images:
-        img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-        arrays.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(arrays))
-
-
-def load_model(folder: RunFolder) -> tuple[torch.nn.Module, Any]:
-    """The run's network with its best weights, and its evaluation preprocessing."""
-    from classlab.models import build_model
-    from classlab.transforms import Preprocess
-
-    cfg = _run_config(folder)
-    pre = Preprocess.from_dict(folder.read_json("preprocessing.json"))
-    spec = cfg.model
-    if "pretrained" in type(spec).model_fields:  # the checkpoint replaces every weight: fetch nothing
-        spec = spec.model_copy(update={"pretrained": "none"})
-    model = build_model(spec, len(pre.classes), pre.input_shape)
-    path = folder.best_path if folder.best_path.is_file() else folder.last_path
-    state = safe_torch_load(path)
-    try:
-        model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise ClasslabError(f"{path}: weights do not fit the run's model ({one_line(e)[:200]})") from None
-    return model.eval(), pre
-
-
-@torch.no_grad()
-def photo_probs(folder: RunFolder, images: list[Any]) -> Side:
-    from classlab.transforms import BatchTransform
-
-    model, pre = load_model(folder)
-    batch = photo_batch(images, tuple(getattr(pre, "stored_shape", pre.input_shape)))
-    x = BatchTransform(pre, None, torch.device("cpu"))(batch)
-    probs = model(x).float().softmax(1).numpy()
-    return Side(folder.name, list(pre.classes), probs)
-
-
-def photo_inputs(a: RunFolder, b: RunFolder, path: Path) -> tuple[Inputs, Side, Side]:
-    files, images, skipped = read_photos(image_files(path))
-    if not images:
+def photo_inputs(a: RunFolder, b: RunFolder, path: Path, device: str = "auto", **steps) -> tuple[Inputs, Side, Side]:
+    """Both runs on the user's images; a file either run cannot use is skipped and named."""
+    files = image_files(path)
+    classes_a, results_a = photo_predictions(a, files, device, THUMBNAIL, **steps)
+    classes_b, results_b = photo_predictions(b, files, device, **steps)
+    kept: list[tuple[Path, Prediction, Prediction]] = []
+    skipped: list[str] = []
+    for file, ra, rb in zip(files, results_a, results_b, strict=True):
+        if isinstance(ra, Prediction) and isinstance(rb, Prediction):
+            kept.append((file, ra, rb))
+        else:
+            skipped.append(file.name)
+    if not kept:
         raise ClasslabError(f"--images {path}: no readable image (skipped {', '.join(skipped)})")
-    thumbs = [np.asarray(img.convert("RGB").resize((96, 96))).transpose(2, 0, 1) for img in images]
-    inputs = Inputs(None, thumbs, [p.name for p in files], skipped=skipped)
-    return inputs, photo_probs(a, images), photo_probs(b, images)
+    thumbs: list[np.ndarray | None] = [np.asarray(ra.prepared.original).transpose(2, 0, 1) for _, ra, _ in kept]
+    inputs = Inputs(None, thumbs, [file.name for file, _, _ in kept], skipped=skipped)
+    side_a = Side(a.name, classes_a, np.stack([ra.probs for _, ra, _ in kept]))
+    side_b = Side(b.name, classes_b, np.stack([rb.probs for _, _, rb in kept]))
+    return inputs, side_a, side_b
 
 
 # ----------------------------------------------------------------------------- the page
@@ -238,12 +196,16 @@ def agreement_counts(inputs: Inputs, a: Side, b: Side) -> dict[str, int]:
 
 
 def compare(run_a: str | Path, run_b: str | Path, images: str | Path | None = None, n: int = 8,
-            out: str | Path | None = None) -> CompareResult:
-    """Write compare.html / compare.md for two runs into `out` (default: beside run A)."""
+            out: str | Path | None = None, device: str = "auto", **steps) -> CompareResult:
+    """Write compare.html / compare.md for two runs into `out` (default: beside run A). `steps` switch
+    photo preparation steps on the user's images as predict's options do (prepare_photo, crop, ...)."""
     a, b = _run_folder(run_a), _run_folder(run_b)
     if n < 1:
         raise ClasslabError("--n must be at least 1")
-    inputs, side_a, side_b = photo_inputs(a, b, Path(images)) if images else test_set_inputs(a, b)
+    if images:
+        inputs, side_a, side_b = photo_inputs(a, b, Path(images), device, **steps)
+    else:
+        inputs, side_a, side_b = test_set_inputs(a, b)
     figures = []
     for rank, i in enumerate(_order(side_a, side_b, n), start=1):
         label = inputs.names[i] + (f" (true: {inputs.labels[i]})" if inputs.labels is not None else "")
