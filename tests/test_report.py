@@ -18,7 +18,7 @@ from classlab.report import make_report
 from classlab.report.context import build_context, comparison_rows, confused_pairs
 from classlab.report.load import RunData
 from classlab.report.plots import learning_curves
-from classlab.report.render import md_escape
+from classlab.report.render import md_escape, render_markdown
 from classlab.report.sanity import sanity_notes
 from tests.conftest import demo_study_copy, make_idx_folder, tiny_study, write_study
 
@@ -52,7 +52,8 @@ def test_run_writes_self_contained_report(demo_runs):
     assert 'id="comparison"' in html and "original" in html and "permuted" in html
     # self-contained: every image is a data URI, nothing is fetched from anywhere
     sources = re.findall(r'<img src="([^"]*)"', html)
-    assert len(sources) == 1 + 2 * 3  # overlaid curves + per run: curves, confusion, mistakes
+    # overlaid curves + per run: curves, confusion, mistakes + the two-variant diff: confusion difference, gallery
+    assert len(sources) == 1 + 2 * 3 + 2
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r'(src|href)="(https?:)?//', html) and "<link" not in html
     # the report's sections, per run and per study
@@ -96,7 +97,7 @@ def test_report_opens_in_headless_chromium(demo_runs, tmp_path):
     images = re.search(r'data-images="(\d+)"', body.group(0))
     broken = re.search(r'data-broken-images="(\d+)"', body.group(0))
     assert images and broken, f"the page's load check did not run: {body.group(0)}"
-    assert int(images.group(1)) == 7 and int(broken.group(1)) == 0
+    assert int(images.group(1)) == 9 and int(broken.group(1)) == 0
     assert 'id="comparison"' in dom.stdout and "<td" in dom.stdout
 
     shot = demo_runs / "report_screenshot.png"
@@ -111,13 +112,13 @@ def test_report_opens_in_headless_chromium(demo_runs, tmp_path):
 
 def test_report_command_remakes_without_training(demo_runs, run_cli, monkeypatch):
     import classlab.study
-    import classlab.train.loop
+    import classlab.train.fit
 
     def no_training(*args, **kwargs):
         raise AssertionError("the report must not train")
 
     monkeypatch.setattr(classlab.study, "train_run", no_training)
-    monkeypatch.setattr(classlab.train.loop, "fit", no_training)
+    monkeypatch.setattr(classlab.train.fit, "fit", no_training)
     run_files = {p: p.stat().st_mtime_ns for run in demo_runs.glob("*/summary.json") for p in run.parent.rglob("*")
                  if p.is_file()}
     assert len(run_files) > 10
@@ -128,7 +129,7 @@ def test_report_command_remakes_without_training(demo_runs, run_cli, monkeypatch
     assert code == 0, err
     assert "report.html" in out
     assert (demo_runs / "report.html").is_file() and (demo_runs / "report.md").is_file()
-    assert len(list((demo_runs / "report_files").glob("*.png"))) == 7
+    assert len(list((demo_runs / "report_files").glob("*.png"))) == 9
     assert {p: p.stat().st_mtime_ns for p in run_files} == run_files  # run folders untouched
 
 
@@ -229,7 +230,9 @@ def test_context_of_two_seeded_runs():
     runs = [_run(f"a-seed{s}", acc, s) for s, acc in enumerate((0.80, 0.84))]
     context, figures = build_context("s", runs, [])
     assert context["multi_seed"] and [r["name"] for r in context["runs"]] == ["a-seed0", "a-seed1"]
-    assert len(figures) == 1 + 2 * len(runs)  # overlay + curves and confusion per run (no predictions stored)
+    # seed-band curves + the variant's mean confusion + curves and confusion per run (no predictions stored)
+    assert len(figures) == 2 + 2 * len(runs)
+    assert context["seed_bands"] and [v["variant"] for v in context["seeded"]] == ["a"]
     assert len({f.key for f in figures}) == len(figures)
 
 
@@ -255,3 +258,65 @@ def test_report_from_folders_with_a_failed_run(tmp_path):
     html = html_path.read_text()
     assert "No metrics.jsonl" in html and "No model summary" in html and "loss became nan at epoch 3" in html
     assert "Failed runs" in md_path.read_text()
+
+
+# ----------------------------------------------------------------------------- is the difference real?
+
+
+def test_demo_report_has_verdicts_and_comparison_json(demo_runs):
+    saved = json.loads((demo_runs / "comparison.json").read_text())
+    assert saved["reference"] == "original"
+    rows = {r["metric"]: r for r in saved["rows"]}
+    assert set(rows) == {"accuracy", "macro_f1"} and rows["accuracy"]["a"] == "permuted"
+    assert rows["accuracy"]["test"].startswith("McNemar") and rows["accuracy"]["n_seeds_a"] == 1
+    html = (demo_runs / "report.html").read_text()
+    assert 'id="evidence"' in html and "verdict" in html and "Holm correction was applied" in html
+    assert rows["accuracy"]["verdict"] in html and 'id="variant-diff-classes"' in html
+    md = (demo_runs / "report.md").read_text()
+    assert "## Is the difference real?" in md and "| permuted vs original | accuracy | 1 / 1 |" in md
+    assert "## Variant diff: permuted against original" in md
+
+
+def test_terminal_comparison_has_the_verdict_column(demo_runs, capsys):
+    from classlab.cli import print_comparison
+    from classlab.runs import find_runs
+
+    summaries = [f.read_summary() for f in find_runs(demo_runs)]
+    print_comparison(summaries, "demo: test set", folder=demo_runs)
+    out = capsys.readouterr().out
+    assert "verdict" in out and "reference" in out and "Δ acc vs original" in out and "Holm" in out
+    saved = json.loads((demo_runs / "comparison.json").read_text())
+    assert next(r for r in saved["rows"] if r["metric"] == "accuracy")["verdict"] in out
+    print_comparison(summaries, "demo: test set")  # without the folder: the table as before
+    assert "verdict" not in capsys.readouterr().out
+
+
+def test_context_of_seeded_variants_with_predictions():
+    """Two variants × 2 seeds with predictions: hierarchical test rows, seed bands, the variant diff."""
+    rng = np.random.default_rng(0)
+    y_true = np.arange(400) % 4
+    runs = []
+    for variant, accuracy in (("a", 0.6), ("b", 0.9)):
+        for s in range(2):
+            run = _run(f"{variant}-seed{s}", accuracy, s)
+            correct = (rng.random(400) < accuracy) | (y_true == 3)  # class 3: both always right
+            y_pred = np.where(correct, y_true, (y_true + 1) % 4)
+            probs = np.eye(4, dtype=np.float32)[y_pred]
+            wrong = np.flatnonzero(~correct)[:4]
+            run.predictions = {"y_true": y_true, "y_pred": y_pred, "probs": probs, "worst_index": wrong,
+                               "worst_images": np.zeros((len(wrong), 1, 8, 8), np.uint8)}
+            runs.append(run)
+    context, figures = build_context("s", runs, [])
+    assert context["reference"] == "a" and context["seed_bands"] and len(context["seeded"]) == 2
+    accuracy = next(r for r in context["evidence"] if r["metric"] == "accuracy")
+    assert accuracy["verdict"] == "better" and accuracy["seeds"] == "2 / 2" and accuracy["diff"].startswith("+")
+    assert "hierarchical bootstrap over seeds and test images" in context["evidence_tests"]
+    rows = {r["variant"]: r for r in context["comparison"]}
+    assert rows["a"]["verdict"] == "reference" and rows["b"]["verdict"] == "better"
+    diff = context["variant_diff"]
+    assert diff["a"] == "b" and diff["b"] == "a" and len(diff["rows"]) == 4 and diff["gallery"] is not None
+    assert diff["rows"][0]["recall"]["excludes_zero"] and not diff["rows"][3]["recall"]["excludes_zero"]
+    md = render_markdown("report.md.j2", context, "files")
+    assert "| c0 | " in md and "| **+" in md and "| +0.00 \\[+0.00, +0.00\\] |" in md  # bold only where it excludes 0
+    # band curves + 2 mean confusions + diff confusion + gallery + per run: curves, confusion, mistakes
+    assert len(figures) == 1 + 2 + 2 + 3 * len(runs) and len({f.key for f in figures}) == len(figures)

@@ -46,23 +46,41 @@ def demo_study() -> Path:
     return Path(str(resources.files("classlab") / "demo" / "demo.yaml"))
 
 
-def print_comparison(summaries: list[dict], title: str) -> None:
-    from classlab.comparison import compare_runs
+def print_comparison(summaries: list[dict], title: str, folder: Path | None = None,
+                     reference: str | None = None) -> None:
+    """The comparison table; given the study folder, also each variant's accuracy difference against the
+    reference (`reference`, else the first variant) with its 95% interval and the paired test's verdict."""
+    from classlab.comparison import against_reference, compare_runs
 
     rows = compare_runs(summaries)
+    tests: list[dict] = []
+    if folder is not None:
+        from classlab.report.context import folder_tests
+
+        tests = folder_tests(folder, {s["name"] for s in summaries}, reference)
     table = Table(title=title)
     width = max((len(r.variant) for r in rows), default=3)
     table.add_column("run", no_wrap=True, min_width=width)  # names must stay whole, even on 80 columns
     for col in ("seeds", "acc %", "loss", "macro F1", "params", "epochs", "sec"):
         table.add_column(col, justify="right")
+    if tests:
+        table.add_column(f"Δ acc vs {tests[0]['b']} [95% CI]", justify="right", no_wrap=True)
+        table.add_column("verdict", no_wrap=True)
     for r in rows:
-        table.add_row(r.variant, str(r.accuracy.n), r.accuracy.format(100), r.loss.format(1, 4),
-                      r.macro_f1.format(1, 4), f"{r.parameters:,}", r.epochs.format(1, 1), r.seconds.format(1, 1))
+        cells = [r.variant, str(r.accuracy.n), r.accuracy.format(100), r.loss.format(1, 4), r.macro_f1.format(1, 4),
+                 f"{r.parameters:,}", r.epochs.format(1, 1), r.seconds.format(1, 1)]
+        table.add_row(*cells, *(against_reference(r.variant, tests) if tests else ()))
     needed = Measurement.get(console, console.options.update_width(400), table).maximum
-    if needed <= console.width:
-        console.print(table)
-    else:  # never squeeze numbers into "8…" on an 80-column log: print this table wider
-        Console(file=console.file, width=needed, force_terminal=console.is_terminal).print(table)
+    out = console if needed <= console.width else Console(file=console.file, width=needed,
+                                                          force_terminal=console.is_terminal)
+    out.print(table)  # never squeeze numbers into "8…" on an 80-column log: print this table wider
+    if tests:
+        methods = "; ".join(dict.fromkeys(t["test"] for t in tests if t["test"]))
+        lines = [f"verdict: paired test on the same test images, α = 0.05, Holm-corrected; {methods}"]
+        lines += [f"  {t['a']}: {t['power']}" for t in tests if t["metric"] == "accuracy" and t.get("power")]
+        lines += [f"  {t['a']}: not compared: {t['reason']}" for t in tests if t["metric"] == "accuracy"
+                  and t.get("reason")]
+        console.print("\n".join(lines), style="dim", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -203,11 +221,12 @@ def _report_when_ready(result: StudyResult) -> None:
     _make_report(result.folder)
 
 
-def _make_report(folder: Path) -> None:
+def _make_report(folder: Path, reference: str | None = None) -> None:
+    """report.html, report.md and comparison.json; `reference`: the study's selected cell, if any."""
     from classlab.report import make_report
 
     try:
-        paths = make_report(folder)
+        paths = make_report(folder, reference=reference)
     except ClasslabError as e:  # training succeeded; a report problem must not hide that
         sys.stderr.write(f"warning: report not written: {one_line(e)}; re-make it with classlab report {folder}\n")
         return

@@ -82,3 +82,19 @@ def within_noise(a: Stat, b: Stat) -> bool:
     if a.n < 2 or b.n < 2:
         return False
     return abs(a.mean - b.mean) < math.sqrt(a.ci95**2 + b.ci95**2)
+
+
+def against_reference(variant: str, tests: list[dict], metric: str = "accuracy") -> tuple[str, str]:
+    """(difference against the reference in points with its 95% interval, verdict) for one variant's row of
+    the comparison table, from evidence.compare_study's rows; ('reference', 'reference') for the reference."""
+    if not tests:
+        return "—", "—"
+    if variant == tests[0]["b"]:
+        return "reference", "reference"
+    row = next((t for t in tests if t["a"] == variant and t["metric"] == metric), None)
+    if row is None:
+        return "—", "—"
+    if row["diff"] is None:
+        return "—", str(row["verdict"])
+    return (f"{row['diff'] * 100:+.2f} [{row['ci_low'] * 100:+.2f}, {row['ci_high'] * 100:+.2f}]",
+            str(row["verdict"]))

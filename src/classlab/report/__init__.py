@@ -1,4 +1,5 @@
-"""The study report: run folders in, report.html (self-contained) and report.md (+ report_files/) out.
+"""The study report: run folders in, report.html (self-contained), report.md (+ report_files/) and
+comparison.json (the paired tests, for scripts) out.
 
 It reads only run folders, so `classlab report RUNS_DIR` re-makes it at any time without training.
 """
@@ -7,17 +8,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from classlab.report.context import build_context
+from classlab.report.context import build_context, study_evidence
 from classlab.report.load import load_study_runs
 from classlab.report.render import write_pages
+from classlab.runs import atomic_write_json
+
+COMPARISON_JSON = "comparison.json"
 
 
-def make_report(study_folder: str | Path) -> tuple[Path, Path]:
-    """Write report.html and report.md into the study folder; returns (html_path, md_path)."""
+def make_report(study_folder: str | Path, reference: str | None = None) -> tuple[Path, Path]:
+    """Write report.html, report.md and comparison.json into the study folder; returns (html_path, md_path).
+
+    `reference`: the variant every other is compared against (the study's selected cell); default: the
+    variant a `retrain-` run retrained, else the first variant."""
     folder = Path(study_folder)
     runs, failed = load_study_runs(folder)
-    context, figures = build_context(folder.resolve().name, runs, failed)
+    tests = study_evidence(runs, reference)
+    atomic_write_json(folder / COMPARISON_JSON, {"study": folder.resolve().name, **tests})
+    context, figures = build_context(folder.resolve().name, runs, failed, tests=tests)
     return write_pages(folder, "report", context, figures)
 
 
-__all__ = ["make_report"]
+__all__ = ["COMPARISON_JSON", "make_report"]

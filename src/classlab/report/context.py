@@ -7,14 +7,16 @@ Strings stay plain here; escaping is the templates' job (autoescape in HTML, a f
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from classlab import __version__
-from classlab.comparison import Stat, VariantRow, compare_runs, variant_of, within_noise
+from classlab import __version__, evidence
+from classlab.comparison import Stat, VariantRow, against_reference, compare_runs, variant_of, within_noise
+from classlab.errors import ClasslabError
 from classlab.report import plots
-from classlab.report.load import FailedRun, RunData
+from classlab.report.load import FailedRun, RunData, load_study_runs
 from classlab.report.sanity import is_permuted, originals, sanity_notes
 
 TOP_CONFUSED = 5
@@ -38,11 +40,15 @@ def _accuracy_ci(s: Stat, scale: float = 100, digits: int = 2) -> str:
     return f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
 
 
-def comparison_rows(rows: list[VariantRow], permuted_of: dict[str, str]) -> list[dict[str, Any]]:
+def comparison_rows(rows: list[VariantRow], permuted_of: dict[str, str],
+                    tests: list[dict] | None = None) -> list[dict[str, Any]]:
+    """The comparison table; with the paired tests (`tests`), each variant's accuracy difference against the
+    reference and its verdict."""
     best = max((r.accuracy.mean for r in rows), default=0.0)
     out = []
     for row in rows:
         near = [o.variant for o in rows if o is not row and within_noise(row.accuracy, o.accuracy)]
+        vs, call = against_reference(row.variant, tests or [])
         out.append({
             "variant": row.variant, "seeds": row.accuracy.n, "runs": ", ".join(row.runs),
             "accuracy": row.accuracy.format(100), "ci": _accuracy_ci(row.accuracy),
@@ -50,8 +56,139 @@ def comparison_rows(rows: list[VariantRow], permuted_of: dict[str, str]) -> list
             "parameters": f"{row.parameters:,}", "epochs": row.epochs.format(1, 1),
             "seconds": row.seconds.format(1, 1), "within_noise": near,
             "best": row.accuracy.mean == best, "permuted_of": permuted_of.get(row.variant),
+            "vs_reference": vs, "verdict": call,
         })
     return out
+
+
+def points(x: float) -> str:
+    """A difference of two fractions, in percentage points with its sign."""
+    return f"{x * 100:+.2f}"
+
+
+def points_interval(row: dict) -> str:
+    return f"[{row['ci_low'] * 100:+.2f}, {row['ci_high'] * 100:+.2f}]"
+
+
+def p_text(p: float | None) -> str | None:
+    if p is None:
+        return None
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}" if p < 0.01 else f"{p:.3f}"
+
+
+def evidence_inputs(runs: list[RunData]) -> list[evidence.RunPredictions]:
+    """The runs whose predictions.npz holds test labels and predictions (older folders may lack it)."""
+    out = []
+    for run in runs:
+        pred = run.predictions or {}
+        if "y_true" not in pred or ("y_pred" not in pred and "probs" not in pred):
+            continue
+        out.append(evidence.run_predictions(run.name, pred["y_true"], pred.get("probs"), pred.get("y_pred"),
+                                            worst_index=pred.get("worst_index"),
+                                            worst_images=pred.get("worst_images")))
+    return out
+
+
+def study_evidence(runs: list[RunData], reference: str | None = None) -> dict[str, Any]:
+    """The paired tests of the study as comparison.json holds them: every variant against the reference."""
+    inputs = evidence_inputs(runs)
+    variants = list(dict.fromkeys(r.variant for r in inputs))
+    ref = evidence.reference_variant(variants, reference) if variants else None
+    rows = evidence.compare_study(inputs, reference=ref)
+    return {"reference": ref, "alpha": evidence.ALPHA, "correction": evidence.CORRECTION,
+            "diff": "a - b (a: the variant, b: the reference), as a fraction", "rows": rows,
+            "without_predictions": [r.name for r in runs if r.name not in {i.name for i in inputs}]}
+
+
+def folder_tests(folder: Path, names: set[str], reference: str | None = None) -> list[dict]:
+    """The paired tests of the named runs of a study folder (none when the folder cannot be read): the
+    terminal's comparison table shows them before the report is written."""
+    try:
+        runs, _ = load_study_runs(folder)
+    except ClasslabError:
+        return []
+    return study_evidence([r for r in runs if r.name in names], reference)["rows"]
+
+
+def evidence_rows(tests: list[dict]) -> list[dict[str, Any]]:
+    """The 'Is the difference real?' table, formatted."""
+    out = []
+    for t in tests:
+        compared = t["diff"] is not None
+        out.append({"a": t["a"], "b": t["b"], "metric": "accuracy" if t["metric"] == "accuracy" else "macro F1",
+                    "diff": points(t["diff"]) if compared else None,
+                    "ci": points_interval(t) if compared else None,
+                    "p": p_text(t["p_value"]), "p_adjusted": p_text(t["p_adjusted"]), "test": t["test"],
+                    "verdict": t["verdict"], "seeds": f"{t['n_seeds_a']} / {t['n_seeds_b']}",
+                    "power": t.get("power"), "reason": t.get("reason"),
+                    "detected": t["verdict"] in (evidence.BETTER, evidence.WORSE)})
+    return out
+
+
+def seed_views(runs: list[RunData], study_name: str) -> tuple[plots.Plot | None, list[dict[str, Any]]]:
+    """With ≥ 2 seeds in some variant: one curve per variant (mean, min–max band over seeds) and each such
+    variant's mean confusion matrix."""
+    groups: dict[str, list[RunData]] = {}
+    for run in runs:
+        groups.setdefault(variant_of(run.name), []).append(run)
+    if not any(len(g) > 1 for g in groups.values()):
+        return None, []
+    curves = None
+    if any(r.metrics for r in runs):
+        curves = plots.seed_band_curves([(v, [r.metrics for r in g if r.metrics]) for v, g in groups.items()
+                                         if any(r.metrics for r in g)], "00-study-curves", study_name)
+    views = []
+    for index, (variant, group) in enumerate(groups.items(), start=1):
+        if len(group) < 2:
+            continue
+        mean = np.mean([np.asarray(r.summary["test"]["confusion_matrix"], dtype=float) for r in group], axis=0)
+        plot = plots.confusion(mean, group[0].classes, f"00-variant-{index:02d}-{slug(variant)}-confusion",
+                               f"{variant} (mean over {len(group)} seeds)", "{:.1f}", "mean counts")
+        views.append({"variant": variant, "seeds": len(group), "confusion": plot})
+    return curves, views
+
+
+def two_variant_diff(runs: list[RunData], reference: str | None) -> tuple[dict[str, Any] | None, list[plots.Plot]]:
+    """For a study of exactly two variants: per-class differences with intervals, the confusion difference and
+    the images one gets right and the other wrong."""
+    inputs = evidence_inputs(runs)
+    variants = list(dict.fromkeys(r.variant for r in inputs))
+    if len(variants) != 2 or len({variant_of(r.name) for r in runs}) != 2:
+        return None, []
+    b = evidence.reference_variant(variants, reference)
+    a = next(v for v in variants if v != b)
+    runs_a, runs_b = [r for r in inputs if r.variant == a], [r for r in inputs if r.variant == b]
+    diff = evidence.variant_diff(runs_a, runs_b)
+    if diff is None:
+        return None, []
+    classes = next(r.classes for r in runs if variant_of(r.name) == a)
+    classes = classes + [str(i) for i in range(len(classes), len(diff["per_class"]))]
+    rows = []
+    for c in diff["per_class"]:
+        row = {"name": classes[c["class"]]}
+        for key in ("recall", "f1"):
+            d = c[key]
+            row[key] = {"a": f"{d['a']:.3f}", "b": f"{d['b']:.3f}", "diff": points(d["diff"]),
+                        "ci": points_interval(d), "excludes_zero": d["ci_low"] > 0 or d["ci_high"] < 0}
+        rows.append(row)
+    figures = [plots.confusion_difference(diff["confusion_diff"], classes, (a, b), "00-variant-diff-confusion")]
+    blocks = []
+    for label, side, a_is_right in ((f"{a} right, {b} wrong", diff["a_only"], True),
+                                    (f"{b} right, {a} wrong", diff["b_only"], False)):
+        pred_a, pred_b = (side["pred_right"], side["pred_wrong"]) if a_is_right else (side["pred_wrong"],
+                                                                                     side["pred_right"])
+        captions = [f"true: {plots.short(classes[t], 14)}\n{plots.short(a, 10)}: {plots.short(classes[x], 12)}\n"
+                    f"{plots.short(b, 10)}: {plots.short(classes[y], 12)}"
+                    for t, x, y in zip(side["true"], pred_a, pred_b, strict=True)]
+        blocks.append((label, side["images"], captions))
+    gallery = None
+    if any(len(images) for _, images, _ in blocks):
+        gallery = plots.disagreement_gallery(blocks, "00-variant-diff-gallery", f"{a} against {b}")
+        figures.append(gallery)
+    section = {"a": a, "b": b, "test": diff["test"], "rows": rows, "confusion": figures[0], "gallery": gallery,
+               "a_only": diff["a_only"]["count"], "b_only": diff["b_only"]["count"],
+               "a_shown": len(diff["a_only"]["index"]), "b_shown": len(diff["b_only"]["index"])}
+    return section, figures
 
 
 def run_rows(runs: list[RunData]) -> list[dict[str, Any]]:
@@ -143,17 +280,22 @@ def run_section(index: int, run: RunData, permuted_of: dict[str, str]) -> tuple[
     return section, figures + ([mistakes] if mistakes else [])
 
 
-def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun]) -> tuple[dict[str, Any],
-                                                                                           list[plots.Plot]]:
-    """Everything the templates show, and every figure they reference."""
+def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun], reference: str | None = None,
+                  tests: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[plots.Plot]]:
+    """Everything the templates show, and every figure they reference. `tests`: study_evidence's result when
+    the caller already has it (it also writes comparison.json), else computed here."""
     rows = compare_runs([r.summary for r in runs]) if runs else []
     permuted_of = originals(runs)
+    tests = tests if tests is not None else study_evidence(runs, reference)
     figures: list[plots.Plot] = []
-    overlay = None
-    if any(r.metrics for r in runs):
+    overlay, seeded = seed_views(runs, study_name)
+    if overlay is None and any(r.metrics for r in runs):
         overlay = plots.overlaid_curves([(r.name, variant_of(r.name), r.metrics) for r in runs if r.metrics],
                                         "00-study-curves", study_name)
-        figures.append(overlay)
+    figures += [overlay] if overlay else []
+    figures += [v["confusion"] for v in seeded]
+    diff, diff_figures = two_variant_diff(runs, tests["reference"])
+    figures += diff_figures
     sections = []
     for i, run in enumerate(runs, start=1):
         section, run_figures = run_section(i, run, permuted_of)
@@ -162,7 +304,13 @@ def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun])
     context = {
         "study": study_name, "version": __version__, "n_runs": len(runs),
         "notes": sanity_notes(rows, runs) if runs else [], "checks": CHECKS,
-        "comparison": comparison_rows(rows, permuted_of), "multi_seed": any(r.accuracy.n > 1 for r in rows),
+        "comparison": comparison_rows(rows, permuted_of, tests["rows"]),
+        "multi_seed": any(r.accuracy.n > 1 for r in rows),
+        "reference": tests["reference"], "evidence": evidence_rows(tests["rows"]),
+        "evidence_tests": list(dict.fromkeys(t["test"] for t in tests["rows"] if t["test"])),
+        "evidence_pairs": len({(t["a"], t["b"]) for t in tests["rows"] if t["p_value"] is not None}),
+        "without_predictions": tests["without_predictions"], "alpha": tests["alpha"],
+        "seeded": seeded, "seed_bands": bool(seeded) and overlay is not None, "variant_diff": diff,
         "all_runs": run_rows(runs), "overlay": overlay, "runs": sections, "failed": failed,
     }
     return context, figures

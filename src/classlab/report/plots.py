@@ -78,7 +78,8 @@ def learning_curves(metrics: list[dict], best_epoch: int | None, stopped_early: 
         return Plot(key, f"learning curves of {title}", _png(fig))
 
 
-def confusion(matrix: list[list[int]], classes: list[str], key: str, title: str) -> Plot:
+def confusion(matrix: list[list[int]] | np.ndarray, classes: list[str], key: str, title: str,
+              count_format: str = "{:.0f}", counts_label: str = "counts") -> Plot:
     """Counts and row-normalized (recall per true class) side by side, class names on both axes."""
     cm = np.asarray(matrix, dtype=float)
     k = len(classes)
@@ -88,7 +89,7 @@ def confusion(matrix: list[list[int]], classes: list[str], key: str, title: str)
     names = [short(c) for c in classes]
     with plt.rc_context({**STYLE, "axes.grid": False}):
         fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
-        for ax, data, label, fmt, top in ((axes[0], cm, "counts", "{:.0f}", max(float(cm.max()), 1.0)),
+        for ax, data, label, fmt, top in ((axes[0], cm, counts_label, count_format, max(float(cm.max()), 1.0)),
                                           (axes[1], norm, "row-normalized (recall)", "{:.2f}", 1.0)):
             image = ax.imshow(data, cmap="Blues", vmin=0, vmax=top)
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -104,7 +105,7 @@ def confusion(matrix: list[list[int]], classes: list[str], key: str, title: str)
                                 color="white" if data[i, j] > 0.55 * top else "black")
         fig.suptitle(f"{title}: confusion matrix (test set)")
         fig.tight_layout()
-        return Plot(key, f"confusion matrix of {title}, counts and row-normalized", _png(fig))
+        return Plot(key, f"confusion matrix of {title}, {counts_label} and row-normalized", _png(fig))
 
 
 def to_hwc(image: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -208,3 +209,98 @@ def _top_classes(probs: list[np.ndarray], top: int) -> list[int]:
     """Class indices by the highest probability either model gives them, at most `top`."""
     best = np.max(np.stack(probs), axis=0)
     return [int(i) for i in np.argsort(-best, kind="stable")[:top]]
+
+
+def _epoch_band(runs: list[list[dict]], key: str) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """Per epoch over the runs that reached it (early stopping ends some sooner): mean, min and max."""
+    by_epoch: dict[int, list[float]] = {}
+    for metrics in runs:
+        for epoch, value in zip(*_series(metrics, key), strict=True):
+            by_epoch.setdefault(epoch, []).append(value)
+    epochs = sorted(by_epoch)
+    values = [np.asarray(by_epoch[e]) for e in epochs]
+    return (epochs, np.array([v.mean() for v in values]), np.array([v.min() for v in values]),
+            np.array([v.max() for v in values]))
+
+
+def seed_band_curves(variants: list[tuple[str, list[list[dict]]]], key: str, title: str) -> Plot:
+    """Validation (else training) loss and accuracy per variant: the mean over its seeds as a line, the
+    min–max over seeds as a band, so seed noise is seen beside the gap between variants."""
+    colors = plt.get_cmap("tab10")
+    has_val = [bool(_series(m, "val_loss")[0]) for _, runs in variants for m in runs]
+    split = "val" if all(has_val) else "train"
+    word = "validation" if split == "val" else "training"
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for index, (variant, runs) in enumerate(variants):
+            color = colors(index % 10)
+            for ax, metric, scale in ((axes[0], "loss", 1), (axes[1], "accuracy", 100)):
+                epochs, mean, low, high = _epoch_band(runs, f"{split}_{metric}")
+                if not epochs:
+                    continue
+                ax.plot(epochs, mean * scale, "-o", color=color, markersize=3,
+                        label=f"{short(variant, 30)} (mean of {len(runs)})" if len(runs) > 1 else short(variant, 30))
+                if len(runs) > 1:
+                    ax.fill_between(epochs, low * scale, high * scale, color=color, alpha=0.2, linewidth=0)
+        for ax, label in ((axes[0], f"{word} loss"), (axes[1], f"{word} accuracy (%)")):
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+            ax.set_title(label)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.suptitle(f"{title}: mean over seeds per variant, band = min–max over seeds")
+        fig.tight_layout()
+        return Plot(key, f"learning curves of {title} per variant, mean and min-max band over seeds", _png(fig))
+
+
+def confusion_difference(diff: np.ndarray, classes: list[str], names: tuple[str, str], key: str) -> Plot:
+    """Row-normalized confusion of a minus that of b: red where a puts more of a true class, blue where b does
+    (on the diagonal, red = a recalls the class more often)."""
+    k = len(classes)
+    top = max(float(np.abs(diff).max()), 1e-3)
+    side = max(4.2, 0.45 * k + 2.4)
+    labels = [short(c) for c in classes]
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, ax = plt.subplots(figsize=(side + 1.2, side))
+        image = ax.imshow(diff, cmap="RdBu_r", vmin=-top, vmax=top)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_xticks(range(k), labels, rotation=45, ha="right")
+        ax.set_yticks(range(k), labels)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        if k <= 20:
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, f"{diff[i, j]:+.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(diff[i, j]) > 0.6 * top else "black")
+        a, b = (short(n, 24) for n in names)
+        ax.set_title(f"confusion of {a} − {b} (row-normalized)")
+        fig.tight_layout()
+        return Plot(key, f"difference of the row-normalized confusion matrices, {names[0]} minus {names[1]}",
+                    _png(fig))
+
+
+def disagreement_gallery(blocks: list[tuple[str, np.ndarray | list, list[str]]], key: str, title: str,
+                         cols: int = 8) -> Plot:
+    """Rows of test images, one block per direction ('a right, b wrong', then the reverse), each image
+    titled with the true class and both predictions."""
+    shown = [(label, images, captions) for label, images, captions in blocks if len(images)]
+    cols = max(1, min(cols, max((len(images) for _, images, _ in shown), default=1)))
+    rows = sum(math.ceil(len(images) / cols) for _, images, _ in shown)
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.3 * rows + 0.3), squeeze=False,
+                                 layout="constrained")
+        for ax in axes.flat:
+            ax.axis("off")
+        row = 0
+        for label, images, captions in shown:
+            for i, image in enumerate(images):
+                ax = axes[row + i // cols, i % cols]
+                img, cmap = to_hwc(np.asarray(image))
+                ax.imshow(img, cmap=cmap, vmin=0, vmax=255)
+                ax.set_title(captions[i], fontsize=7)
+            axes[row, 0].text(-0.1, 0.5, short(label, 40), transform=axes[row, 0].transAxes, rotation=90,
+                              ha="right", va="center", fontsize=8)
+            row += math.ceil(len(images) / cols)
+        fig.suptitle(title)
+        return Plot(key, f"test images one variant gets right and the other wrong: {title}", _png(fig))
