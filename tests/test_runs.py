@@ -197,3 +197,13 @@ def test_locks_and_atomic_io_keep_their_old_import_path():
     assert runs.RunLock is locks.RunLock and runs.RunLocked is locks.RunLocked and runs.LOCK_NAME == locks.LOCK_NAME
     assert runs.atomic_torch_save is cio.atomic_torch_save and runs.safe_torch_load is cio.safe_torch_load
     assert RunFolder("x").lock_path.name == locks.LOCK_NAME
+
+
+def test_save_best_alone_keeps_last_and_gives_the_result_weights(tmp_path):
+    """train.checkpoint_every > 1: a best epoch between two full checkpoints writes best.pt only."""
+    folder = RunFolder(tmp_path / "r")
+    folder.save_epoch(state(2), is_best=True)
+    folder.save_best({"w": torch.full((3,), 3.0)}, 3)
+    assert folder.read_last()["epoch"] == 2 and cio.safe_torch_load(folder.best_path)["epoch"] == 3
+    weights, path = folder.read_result_weights()
+    assert path == folder.best_path and float(weights["w"][0]) == 3.0 and not temps(folder)
