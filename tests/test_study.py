@@ -135,3 +135,15 @@ def test_mlp_grid_cells_train_together_into_their_own_folders(tmp_path, idx_fold
         assert folder.read_config()["train"]["optimizer"] == name.split("-")[0]
     code, out, _ = run_cli("run", str(tmp_path / "s.yaml"))  # finished runs are skipped, not retrained
     assert code == 0 and out.count("already complete, skipped") == 4
+
+
+def test_select_rule_lower_bound_prefers_the_stable_variant():
+    from classlab.plan import select_variant
+
+    def runs(variant, accs):
+        return [{"name": f"{variant}-seed{i}", "kept_val": {"accuracy": a, "loss": 1 - a}} for i, a in enumerate(accs)]
+
+    summaries = runs("noisy", [0.97, 0.75, 0.96]) + runs("stable", [0.86, 0.87, 0.86])
+    assert select_variant(summaries, "val_accuracy") == "noisy"  # the higher mean
+    assert select_variant(summaries, "val_accuracy", "lower_bound") == "stable"
+    assert select_variant(summaries, "val_loss", "lower_bound") == "stable"

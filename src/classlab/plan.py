@@ -7,7 +7,6 @@ process and machine that reads the same file plans the same runs in the same ord
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,22 +105,11 @@ def shard_runs(planned: list[PlannedRun], shard: tuple[int, int]) -> list[Planne
 # ----------------------------------------------------------------------------- selection
 
 
-def _lower_bound(values: list[float]) -> float:
-    """Lower end of the 95% t-interval of the mean (the value itself for one seed)."""
-    from classlab.comparison import Stat
-
-    n = len(values)
-    if n < 2:
-        return values[0]
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean - Stat(mean, std, n).ci95
-
-
 def select_variant(summaries: list[dict], metric: str, rule: str = "mean") -> str:
     """The variant with the best validation metric over its seeds, at the epoch each run kept: by the mean,
     or by the lower 95% confidence bound (`lower_bound`: the variant whose worst plausible score is best)."""
     from classlab.comparison import variant_of
+    from classlab.evidence import select_variant as by_rule
 
     scores: dict[str, list[float]] = {}
     for s in summaries:
@@ -129,10 +117,7 @@ def select_variant(summaries: list[dict], metric: str, rule: str = "mean") -> st
         if val is None:
             raise ClasslabError(f"select: run '{s['name']}' has no validation metrics; set data.val_fraction")
         scores.setdefault(variant_of(s["name"]), []).append(val[metric.removeprefix("val_")])
-    sign = -1.0 if metric == "val_loss" else 1.0
-    if rule == "lower_bound":
-        return max(scores, key=lambda v: _lower_bound([sign * x for x in scores[v]]))
-    return max(scores, key=lambda v: sign * sum(scores[v]) / len(scores[v]))
+    return by_rule(scores, rule, higher_is_better=metric != "val_loss")
 
 
 # ----------------------------------------------------------------------------- stacking
