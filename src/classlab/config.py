@@ -46,8 +46,10 @@ DATASETS = DATASET_REGISTRY.names()
 
 
 class Normalize(Strict):
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] = Field(
+        description="per-channel mean of the [0, 1] pixel values (one value for all channels, or one per channel)")
+    std: tuple[float, ...] = Field(
+        description="per-channel standard deviation, > 0; the input becomes (x - mean) / std")
 
     @model_validator(mode="after")
     def _check(self) -> Normalize:
@@ -61,10 +63,11 @@ class Normalize(Strict):
 class ColorJitter(Strict):
     """torchvision's ColorJitter ranges: factors drawn per image in [1-x, 1+x]; hue shift in ±hue turns."""
 
-    brightness: float = Field(0.0, ge=0)
-    contrast: float = Field(0.0, ge=0)
-    saturation: float = Field(0.0, ge=0)
-    hue: float = Field(0.0, ge=0, le=0.5)
+    brightness: float = Field(0.0, ge=0, description="brightness factor drawn per image in [1 - x, 1 + x]")
+    contrast: float = Field(0.0, ge=0, description="contrast factor drawn per image in [1 - x, 1 + x]")
+    saturation: float = Field(
+        0.0, ge=0, description="saturation factor drawn per image in [1 - x, 1 + x] (RGB input only)")
+    hue: float = Field(0.0, ge=0, le=0.5, description="hue shift drawn per image in ±hue turns (RGB input only)")
 
 
 def _increasing_pair(name: str, v: tuple[float, float]) -> tuple[float, float]:
@@ -94,7 +97,8 @@ class RandomErasing(Strict):
     it): a rectangle of `scale` × the area, aspect ratio in `ratio`, set to `value`."""
 
     p: float = Field(0.5, ge=0, le=1, description="probability that an image gets a rectangle erased")
-    scale: tuple[float, float] = Field((0.02, 0.33), description="range of the rectangle's area, a fraction of the image's")
+    scale: tuple[float, float] = Field((0.02, 0.33),
+                                       description="range of the rectangle's area, a fraction of the image's")
     ratio: tuple[float, float] = Field((0.3, 3.3), description="range of the rectangle's height / width")
     value: float | Literal["random"] = Field(
         0.0, description="fill in normalized units (0 = the normalization's mean), or random: standard normal noise")
@@ -181,30 +185,41 @@ IMAGENET_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
 class PermutePixels(Strict):
-    seed: int
+    seed: int = Field(description="seed of the one fixed permutation of pixel positions applied to every image")
 
 
 class Subset(Strict):
     """A stratified, seeded sample of a split, for quick experiments and the demo."""
 
-    train: int | None = Field(None, gt=0)
-    test: int | None = Field(None, gt=0)
+    train: int | None = Field(
+        None, gt=0, description="keep this many training images (stratified, seeded by data.split_seed)")
+    test: int | None = Field(
+        None, gt=0, description="keep this many test images (stratified, seeded by data.split_seed)")
 
 
 class DataConfig(Strict):
-    dataset: Literal[DATASETS] = "fashion-mnist"  # type: ignore[valid-type]
-    root: str | None = None
-    download: bool = True
-    val_fraction: float | None = Field(0.1, gt=0, lt=1)
+    dataset: Literal[DATASETS] = Field(  # type: ignore[valid-type]
+        "fashion-mnist", description="the image source: fashion-mnist, mnist, idx (a folder of four IDX files), "
+        "image-folder, fer2013, demo")
+    root: str | None = Field(None, description="data folder or file; null = $CLASSLAB_DATA, else ~/.cache/classlab")
+    download: bool = Field(True, description="download fashion-mnist / mnist when missing and online "
+                           "(never with CLASSLAB_OFFLINE=1)")
+    val_fraction: float | None = Field(
+        0.1, gt=0, lt=1, description="stratified, seeded share of the training split held out for validation; "
+        "null = none")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="only for folders without a test split")
-    split_seed: int = 0
+    split_seed: int = Field(0, description="seed of the validation / test splits and of data.subset")
     channels: Literal[1, 3] | None = Field(None, description="image folders: 1 gray, 3 RGB, None = guess")
     image_size: tuple[int, int] | None = Field(None, description="image folders: resize to [H, W] at load")
-    relabel: dict[str, list[str | int]] | None = None
-    permute_pixels: PermutePixels | None = None
-    normalize: Normalize | None = None
-    augment: Augment = Augment()
-    subset: Subset | None = None
+    relabel: dict[str, list[str | int]] | None = Field(
+        None, description="new classes by name (or index), e.g. {shoes: [Sandal, Sneaker, Ankle boot]}")
+    permute_pixels: PermutePixels | None = Field(
+        None, description="scramble pixel positions with one fixed permutation (train, validation, test, predict)")
+    normalize: Normalize | None = Field(
+        None, description="{mean, std}, or imagenet; null = the dataset's known statistics (fashion-mnist, mnist), "
+        "else measured on the training images")
+    augment: Augment = Field(Augment(), description="train-time augmentation, batched on the device")
+    subset: Subset | None = Field(None, description="a stratified sample of the splits, for quick experiments")
     to_rgb: bool = Field(False, description="copy a gray channel to 3 (ImageNet models), per batch")
     resize: tuple[int, int] | None = Field(None, description="resize each batch on the device to [H, W]")
 
@@ -231,27 +246,27 @@ class Empty(Strict):
 
 
 class ConvSpec(Strict):
-    out: int = Field(gt=0)
-    kernel: int = Field(3, gt=0)
-    stride: int = Field(1, gt=0)
-    padding: int | Literal["same"] = 0
+    out: int = Field(gt=0, description="output channels")
+    kernel: int = Field(3, gt=0, description="kernel size")
+    stride: int = Field(1, gt=0, description="stride")
+    padding: int | Literal["same"] = Field(0, description="zero padding in pixels, or same")
 
 
 class PoolSpec(Strict):
-    kernel: int = Field(2, gt=0)
-    stride: int | None = Field(None, gt=0)
+    kernel: int = Field(2, gt=0, description="window size")
+    stride: int | None = Field(None, gt=0, description="stride; null = the window size")
 
 
 class LinearSpec(Strict):
-    out: int = Field(gt=0)
+    out: int = Field(gt=0, description="output features")
 
 
 class DropoutSpec(Strict):
-    p: float = Field(ge=0, lt=1)
+    p: float = Field(ge=0, lt=1, description="probability of zeroing an activation in training")
 
 
 class LeakySpec(Strict):
-    slope: float = 0.01
+    slope: float = Field(0.01, description="negative slope")
 
 
 _SHORTHAND = {"conv": "out", "maxpool": "kernel", "avgpool": "kernel", "linear": "out", "dropout": "p",
@@ -262,21 +277,22 @@ class LayerSpec(Strict):
     """One layer of a `cnn` model. In YAML: `relu`, `flatten`, `{conv: {out: 32, kernel: 5}}`,
     `{maxpool: 2}`, `{linear: 200}`, `{dropout: 0.25}`; the final Linear to the class count is added."""
 
-    conv: ConvSpec | None = None
-    maxpool: PoolSpec | None = None
-    avgpool: PoolSpec | None = None
-    linear: LinearSpec | None = None
-    dropout: DropoutSpec | None = None
-    leaky_relu: LeakySpec | None = None
-    bn: Empty | None = None
-    relu: Empty | None = None
-    tanh: Empty | None = None
-    gelu: Empty | None = None
-    sigmoid: Empty | None = None
-    elu: Empty | None = None
-    silu: Empty | None = None
-    flatten: Empty | None = None
-    gap: Empty | None = None
+    conv: ConvSpec | None = Field(
+        None, description="Conv2d, e.g. {conv: {out: 32, kernel: 5, padding: 2}} or {conv: 32}")
+    maxpool: PoolSpec | None = Field(None, description="MaxPool2d, e.g. {maxpool: 2}")
+    avgpool: PoolSpec | None = Field(None, description="AvgPool2d, e.g. {avgpool: 2}")
+    linear: LinearSpec | None = Field(None, description="Linear (flattens first if needed), e.g. {linear: 200}")
+    dropout: DropoutSpec | None = Field(None, description="Dropout, e.g. {dropout: 0.25}")
+    leaky_relu: LeakySpec | None = Field(None, description="LeakyReLU, e.g. leaky_relu or {leaky_relu: 0.1}")
+    bn: Empty | None = Field(None, description="BatchNorm (2d after a conv, 1d after a linear)")
+    relu: Empty | None = Field(None, description="ReLU")
+    tanh: Empty | None = Field(None, description="Tanh")
+    gelu: Empty | None = Field(None, description="GELU")
+    sigmoid: Empty | None = Field(None, description="Sigmoid")
+    elu: Empty | None = Field(None, description="ELU")
+    silu: Empty | None = Field(None, description="SiLU")
+    flatten: Empty | None = Field(None, description="Flatten")
+    gap: Empty | None = Field(None, description="global average pooling to one value per channel")
 
     @model_validator(mode="before")
     @classmethod
@@ -319,50 +335,57 @@ class LayerSpec(Strict):
 
 
 class MLPConfig(Strict):
-    name: Literal["mlp"]
-    hidden: list[Annotated[int, Field(gt=0)]] = [256, 128, 64]
-    activation: Literal[ACTIVATIONS] = "relu"  # type: ignore[valid-type]
-    batchnorm: bool = False
-    dropout: float = Field(0.0, ge=0, lt=1)
+    name: Literal["mlp"] = Field(description="a fully connected network on the flattened image")
+    hidden: list[Annotated[int, Field(gt=0)]] = Field([256, 128, 64], description="hidden layer widths")
+    activation: Literal[ACTIVATIONS] = Field(  # type: ignore[valid-type]
+        "relu", description="activation after each hidden layer")
+    batchnorm: bool = Field(False, description="BatchNorm1d after each hidden layer")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the hidden layers")
     dropout_after: list[int] | None = Field(None, description="1-based hidden layers; None = all")
 
 
 class CNNConfig(Strict):
-    name: Literal["cnn"]
-    layers: list[LayerSpec] = Field(min_length=1)
+    name: Literal["cnn"] = Field(description="a network written as its list of layers")
+    layers: list[LayerSpec] = Field(
+        min_length=1, description="the layers in order; the final Linear to the class count is added")
 
 
 class PresetConfig(Strict):
     """The reference studies' networks by name; the switches mirror choices the studies left open."""
 
     tag: ClassVar[str] = "preset"
-    name: Literal[PRESETS]  # type: ignore[valid-type]
-    batchnorm: bool | None = None
-    dropout: float | None = Field(None, ge=0, lt=1)
+    name: Literal[PRESETS] = Field(  # type: ignore[valid-type]
+        description="a reference study's network (study_a_cnn … study_e_cnn)")
+    batchnorm: bool | None = Field(
+        None, description="add BatchNorm where the study left it open; null = the study's choice")
+    dropout: float | None = Field(None, ge=0, lt=1, description="dropout probability; null = the study's choice")
 
 
 class FreezeSpec(Strict):
     """Freeze every parameter group except these: group names (layer4, fc, blocks.6), or the model's own
     stages by role: stem, stage1..stageN, last_stage, stages, head (the classifier)."""
 
-    all_but: list[str] = Field(min_length=1)
+    all_but: list[str] = Field(
+        min_length=1, description="what stays trainable, e.g. [layer4, fc] or [last_stage, head]; the rest is frozen")
 
 
 class ResNetConfig(Strict):
-    name: Literal["resnet18"]
+    name: Literal["resnet18"] = Field(description="torchvision's ResNet-18")
     pretrained: str = Field("none", description="none | imagenet | a .pth file | a classlab run folder")
     head: list[LayerSpec] | None = Field(None, description="layers before the final Linear, e.g. [{linear: 256}, relu]")
-    freeze: FreezeSpec | Literal["none"] = "none"
+    freeze: FreezeSpec | Literal["none"] = Field(
+        "none", description="none, or {all_but: [...]}: train only the named blocks")
 
 
 class ZooConfig(Strict):
     """Any timm or torchvision classification architecture: `timm/<arch>` or `torchvision/<arch>`."""
 
     tag: ClassVar[str] = "zoo"
-    name: str = Field(pattern=r"^(timm|torchvision)/[A-Za-z0-9_.\-]+$")
+    name: str = Field(pattern=r"^(timm|torchvision)/[A-Za-z0-9_.\-]+$", description="timm/<arch> or torchvision/<arch>")
     pretrained: str = Field("none", description="none | imagenet | a .pth/.safetensors file | a classlab run folder")
     head: list[LayerSpec] | None = Field(None, description="layers before the final Linear, e.g. [{linear: 256}, relu]")
-    freeze: FreezeSpec | Literal["none"] = "none"
+    freeze: FreezeSpec | Literal["none"] = Field(
+        "none", description="none, or {all_but: [...]}: train only the named blocks")
 
     @property
     def family(self) -> str:
@@ -396,34 +419,45 @@ MODEL_NAMES = MODEL_REGISTRY.names()
 
 
 class Scheduler(Strict):
-    name: Literal["none", "step", "cosine"] = "none"
-    step_size: int = Field(5, gt=0)
-    gamma: float = Field(0.1, gt=0, le=1)
+    name: Literal["none", "step", "cosine"] = Field(
+        "none", description="none, step (× gamma every step_size epochs) or cosine (annealed to 0 over the epochs)")
+    step_size: int = Field(5, gt=0, description="step: epochs between decays")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: the factor applied at each decay")
 
 
 class EarlyStopping(Strict):
-    patience: int = Field(3, gt=0)
-    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    min_delta: float = Field(0.0, ge=0)
+    patience: int = Field(
+        3, gt=0, description="stop after this many epochs without improvement; the best epoch's weights are kept")
+    monitor: Literal["val_loss", "val_accuracy"] = Field(
+        "val_loss", description="the validation metric watched: val_loss (lower is better) or val_accuracy")
+    min_delta: float = Field(
+        0.0, ge=0, description="an epoch counts as an improvement only when it beats the best by more than this")
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0)
-    eval_batch_size: int = Field(1024, gt=0)
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(10, gt=0, description="passes over the training split")
+    batch_size: int = Field(64, gt=0, description="training batch size (the global batch under DDP)")
+    eval_batch_size: int = Field(
+        1024, gt=0, description="batch size for validation, test and prediction (no gradients)")
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field(
+        "adam", description="torch optimizer (fused / foreach kernels where torch has them)")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="momentum (sgd, rmsprop)")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd with momentum > 0 only)")
+    weight_decay: float = Field(0.0, ge=0, description="the optimizer's weight decay (decoupled for adamw)")
     l1: float = Field(0.0, ge=0, description="L1 penalty on all weights (not biases)")
-    loss: Literal["cross_entropy", "nll"] = "cross_entropy"
-    softmax_before_loss: bool = False
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    scheduler: Scheduler = Scheduler()
-    early_stopping: EarlyStopping | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, gt=0)
+    loss: Literal["cross_entropy", "nll"] = Field(
+        "cross_entropy", description="cross_entropy on the logits, or nll on their log-softmax (the same maths)")
+    softmax_before_loss: bool = Field(
+        False, description="apply softmax before cross-entropy (reproduces study D's double softmax on purpose)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing, e.g. 0.1")
+    scheduler: Scheduler = Field(
+        Scheduler(), description="learning-rate schedule; a name alone (step, cosine) takes the defaults")
+    early_stopping: EarlyStopping | None = Field(
+        None, description="stop when the validation metric stops improving (needs data.val_fraction)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA when available), cpu or cuda")
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads for torch; null = one for small models, torch's default for larger ones")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto", description="mixed precision on CUDA: auto = bf16 on compute capability >= 8.0, fp16 with loss "
         "scaling below; off = fp32. The CPU always trains in fp32 (bf16 is slower there without AMX)")
@@ -435,7 +469,8 @@ class TrainConfig(Strict):
                                   "end); a resume redoes at most N-1 epochs")
     sync_batchnorm: bool = Field(False, description="under DDP on CUDA: BatchNorm statistics over all GPUs' "
                                  "shares of the batch (SyncBatchNorm) instead of each GPU's own")
-    tensorboard: bool = False
+    tensorboard: bool = Field(
+        False, description="also write TensorBoard event files to <run>/tensorboard (pip install tensorboard)")
     lr_groups: dict[str, Annotated[float, Field(gt=0)] | list[Annotated[float, Field(gt=0)]]] | None = Field(
         None, description="learning rate per parameter group or stage role, e.g. {layer4: 5e-4, fc: 1e-3} or "
         "{stem: 1e-5, stages: [1e-5, 5e-5, 1e-4, 5e-4], head: 1e-3}; `decay: 0.7` gives each group without "
@@ -475,11 +510,11 @@ class TrainConfig(Strict):
 class RunConfig(Strict):
     """One fully resolved run: what `runs.py` writes as config.yaml and `fit` trains."""
 
-    name: str
-    seed: int = 0
-    data: DataConfig = DataConfig()
-    model: ModelConfig
-    train: TrainConfig = TrainConfig()
+    name: str = Field(description="the run's name: <run>[-<grid cell>][-seed<k>], its folder's name")
+    seed: int = Field(0, description="the run's seed (weights, batch order, dropout, augmentation), from seeds")
+    data: DataConfig = Field(DataConfig(), description="the resolved data section")
+    model: ModelConfig = Field(description="the resolved model section")
+    train: TrainConfig = Field(TrainConfig(), description="the resolved train section")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -493,23 +528,30 @@ class Select(Strict):
     variant whose lower 95% confidence bound is best), or pin one by name (to retrain what a paper chose;
     the metric's pick is still printed beside it). `metric:` is accepted as the older name of `by:`."""
 
-    by: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", validation_alias=AliasChoices("by", "metric"))
-    rule: Literal["mean", "lower_bound"] = "mean"
-    variant: str | None = None
+    by: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", validation_alias=AliasChoices("by", "metric"),
+        description="the validation metric that picks the variant (metric: is accepted as the older name)")
+    rule: Literal["mean", "lower_bound"] = Field(
+        "mean", description="mean over seeds, or lower_bound: the best lower 95% confidence bound")
+    variant: str | None = Field(
+        None, description="pin this variant by name instead (the metric's pick is still printed)")
 
 
 class StudyConfig(Strict):
     """The study file as written; `runs` and `grid` hold raw overrides validated per run."""
 
-    name: str | None = None
-    out_dir: str = "runs"
-    seeds: list[int] = Field([0], min_length=1)
-    data: dict[str, Any] = {}
-    model: dict[str, Any]
-    train: dict[str, Any] = {}
-    runs: list[dict[str, Any]] | None = None
-    grid: dict[str, list[Any]] | None = None
-    select: Select | None = None
+    name: str | None = Field(None, description="the study's name and folder under out_dir; default: the file's name")
+    out_dir: str = Field("runs", description="where the study folder goes (relative to the working directory)")
+    seeds: list[int] = Field(
+        [0], min_length=1, description="one run per seed for every variant; several give mean ± std and intervals")
+    data: dict[str, Any] = Field({}, description="the data section every run starts from")
+    model: dict[str, Any] = Field(description="the model section every run starts from")
+    train: dict[str, Any] = Field({}, description="the train section every run starts from")
+    runs: list[dict[str, Any]] | None = Field(
+        None, description="named variants, each a name and overrides of data / model / train; none = one run, base")
+    grid: dict[str, list[Any]] | None = Field(
+        None, description="dotted keys with lists of values, crossed with each other and with runs and seeds")
+    select: Select | None = Field(None, description="after training, pick the best variant by a validation metric")
     retrain_on: Literal["train+val"] | None = Field(
         None, description="after select: train the chosen variant again on train + validation, report test")
 

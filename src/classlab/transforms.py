@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from classlab.config import Augment, ColorJitter, RunConfig
+from classlab.config import Augment, ColorJitter, RandAugment, RandomErasing, RandomResizedCrop, RunConfig
 from classlab.errors import ClasslabError
 
 
@@ -139,6 +139,275 @@ def color_jitter(x: torch.Tensor, jitter: ColorJitter, generator: torch.Generato
     return x
 
 
+# ----------------------------------------------------------------------------- presets: crop, erasing, policies, mixing
+# Every preset draws its random numbers per image from the run's augmentation generator, a fixed number of them
+# per call whatever the draws are (so a checkpointed generator resumes exactly), and needs no host sync on a GPU.
+
+_ATTEMPTS = 10  # torchvision's tries for a crop / erasing box that fits
+
+
+def _log_uniform(lo: float, hi: float, u: torch.Tensor) -> torch.Tensor:
+    return torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u)
+
+
+def _first_fit(fits: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(any fit per row, then each value at its row's first fitting attempt, the first attempt when none fits)."""
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)
+    return (fits.any(1), *(v.gather(1, first).squeeze(1) for v in values))
+
+
+def random_resized_crop(x: torch.Tensor, crop: RandomResizedCrop, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's RandomResizedCrop per image, resampled to the input's own size: up to 10 tries at a box of
+    area `scale` and aspect `ratio` (the first that fits wins; else torchvision's central fallback), at a uniform
+    position, all crops in one affine_grid + grid_sample (bilinear; border padding, so it commutes with the
+    per-channel normalization)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    u = torch.rand(2, n, _ATTEMPTS, device=dev, generator=generator)
+    area = (crop.scale[0] + (crop.scale[1] - crop.scale[0]) * u[0]) * (h * w)
+    aspect = _log_uniform(crop.ratio[0], crop.ratio[1], u[1])
+    cw, ch = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+    ok, cw, ch = _first_fit((cw <= w) & (ch <= h), cw, ch)
+    fw, fh = float(w), float(h)  # fallback: the largest central box with the aspect clamped into `ratio`
+    if w / h < crop.ratio[0]:
+        fh = w / crop.ratio[0]
+    elif w / h > crop.ratio[1]:
+        fw = h * crop.ratio[1]
+    cw, ch = torch.where(ok, cw, fw), torch.where(ok, ch, fh)
+    pos = torch.where(ok, torch.rand(2, n, device=dev, generator=generator), 0.5)
+    cx = (pos[0] * (w - cw) + cw / 2) / w * 2 - 1  # box centre in affine_grid's [-1, 1] coordinates
+    cy = (pos[1] * (h - ch) + ch / 2) / h * 2 - 1
+    zero = torch.zeros_like(cx)
+    theta = torch.stack([torch.stack([cw / w, zero, cx], 1), torch.stack([zero, ch / h, cy], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def erasing_mask(n: int, h: int, w: int, erase: RandomErasing, device: torch.device,
+                 generator: torch.Generator) -> torch.Tensor:
+    """[N, 1, H, W] bool, True inside each image's erased rectangle: torchvision's RandomErasing box (up to 10
+    tries at an area in `scale`, aspect in `ratio`, whole pixels; none when none fits), applied with
+    probability p."""
+    u = torch.rand(2, n, _ATTEMPTS, device=device, generator=generator)
+    area = (erase.scale[0] + (erase.scale[1] - erase.scale[0]) * u[0]) * (h * w)
+    aspect = _log_uniform(erase.ratio[0], erase.ratio[1], u[1])
+    eh, ew = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+    ok, eh, ew = _first_fit((eh < h) & (ew < w), eh, ew)
+    pos = torch.rand(3, n, device=device, generator=generator)
+    top, left = (pos[0] * (h - eh + 1)).floor(), (pos[1] * (w - ew + 1)).floor()
+    on = (ok & (pos[2] < erase.p)).view(n, 1, 1, 1)
+    rows = torch.arange(h, device=device).view(1, 1, h, 1)
+    cols = torch.arange(w, device=device).view(1, 1, 1, w)
+    inside_r = (rows >= top.view(n, 1, 1, 1)) & (rows < (top + eh).view(n, 1, 1, 1))
+    inside_c = (cols >= left.view(n, 1, 1, 1)) & (cols < (left + ew).view(n, 1, 1, 1))
+    return on & inside_r & inside_c
+
+
+def random_erasing(x: torch.Tensor, erase: RandomErasing, generator: torch.Generator,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Erase each image's rectangle (`mask`, else drawn here at x's size) with `value` or standard normal noise."""
+    n, c, h, w = x.shape
+    if mask is None:
+        mask = erasing_mask(n, h, w, erase, x.device, generator)
+    if erase.value == "random":
+        fill = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    else:
+        fill = torch.tensor(float(erase.value), device=x.device, dtype=x.dtype)
+    return torch.where(mask, fill, x)
+
+
+# RandAugment / TrivialAugmentWide: torchvision's 14 operations and magnitude ranges, on [0, 1] batches.
+_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast",
+        "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+_SIGNED = (False, True, True, True, True, True, True, True, True, True, False, False, False, False)
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _magnitudes(wide: bool, bins: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([ops, bins] magnitudes, [ops] signed) as torchvision's RandAugment (wide=False) / TrivialAugmentWide
+    define them (translations in pixels of the image as it is at this step), built once per device."""
+    key = (wide, bins, h, w, device)
+    if key not in _TABLES:
+        def lin(hi: float) -> torch.Tensor:
+            return torch.linspace(0.0, hi, bins)
+
+        shear, tx, ty, rot, enhance, steps = (0.99, 32.0, 32.0, 135.0, 0.99, 6) if wide else (
+            0.3, 150 / 331 * w, 150 / 331 * h, 30.0, 0.9, 4)
+        posterize = 8 - (torch.arange(bins) / ((bins - 1) / steps)).round()
+        zero = torch.zeros(bins)
+        table = torch.stack([zero, lin(shear), lin(shear), lin(tx), lin(ty), lin(rot), lin(enhance), lin(enhance),
+                             lin(enhance), lin(enhance), posterize, torch.linspace(1.0, 0.0, bins), zero, zero])
+        _TABLES[key] = (table.to(device), torch.tensor(_SIGNED, device=device))
+    return _TABLES[key]
+
+
+def _geometric(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Shear (about the top-left corner, as torchvision), translate (pixels) or rotate (degrees, about the centre)
+    per image, as one affine_grid + grid_sample, nearest neighbour with black fill (torchvision's defaults)."""
+    _, _, h, w = x.shape
+    zero = torch.zeros_like(m)
+    sx, sy = torch.where(op == 1, m, zero), torch.where(op == 2, m, zero)
+    angle = torch.deg2rad(torch.where(op == 5, m, zero))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # the sampling map in affine_grid's [-1, 1] coordinates; each image has one non-identity part
+    a01 = (sx - sin) * (h / w)
+    a10 = (sy + sin) * (w / h)
+    b0 = sx * (h / w) - torch.where(op == 3, m, zero) * (2 / w)
+    b1 = sy * (w / h) - torch.where(op == 4, m, zero) * (2 / h)
+    theta = torch.stack([torch.stack([cos, a01, b0], 1), torch.stack([a10, cos, b1], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (other + factor.view(-1, 1, 1, 1) * (x - other)).clamp_(0, 1)
+
+
+def _brightness(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return (x * (1 + m).view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def _color(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _gray(x), 1 + m) if x.shape[1] == 3 else x
+
+
+def _contrast(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    gray = _gray(x) if x.shape[1] == 3 else x
+    return _blend(x, gray.mean(dim=(1, 2, 3), keepdim=True), 1 + m)
+
+
+def _sharpness(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_sharpness: blend with a 3×3 smoothed image inside a one-pixel border."""
+    h, w = x.shape[-2:]
+    if h <= 2 or w <= 2:
+        return x
+    # kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 = (3×3 box sum + 4 × centre) / 13; pooling is faster than a
+    # depthwise conv2d on the CPU
+    blurred = (F.avg_pool2d(x, 3, stride=1) * 9 + 4 * x[..., 1:-1, 1:-1]) / 13
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = _blend(x[..., 1:-1, 1:-1], blurred, 1 + m)
+    return out
+
+
+def _posterize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    step = torch.exp2(8 - m).view(-1, 1, 1, 1)  # keep `m` bits of the 8-bit value
+    return (x.mul(255.999).floor_().div_(step).floor_().mul_(step)).div_(255)
+
+
+def _solarize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= m.view(-1, 1, 1, 1), 1 - x, x)
+
+
+def _autocontrast(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+    flat = hi <= lo
+    return ((x - torch.where(flat, 0, lo)) / torch.where(flat, 1, hi - lo)).clamp_(0, 1)
+
+
+def _equalize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    from torchvision.transforms.v2.functional import equalize  # batched, per image and channel
+
+    return equalize(x)
+
+
+_POINTWISE = ((6, _brightness), (7, _color), (8, _contrast), (9, _sharpness), (10, _posterize), (11, _solarize),
+              (12, _autocontrast), (13, _equalize))
+
+
+def auto_augment(x: torch.Tensor, generator: torch.Generator, *, rounds: int, bins: int, magnitude: int | None,
+                 wide: bool, subsets: bool | None = None) -> torch.Tensor:
+    """RandAugment (`magnitude` fixed, `rounds` = num_ops) or TrivialAugmentWide (magnitude None: a random bin
+    per image, one round) on an N×C×H×W batch in [0, 1]. Each round every image draws one of torchvision's 14
+    operations and a sign; each operation then runs once on the images that drew it (on a GPU: on the whole
+    batch, kept where drawn, so no host sync; `subsets` picks), with per-image magnitudes."""
+    n, _, h, w = x.shape
+    dev = x.device
+    table, signed = _magnitudes(wide, bins, h, w, dev)
+    ops = torch.randint(len(_OPS), (rounds, n), device=dev, generator=generator)
+    if magnitude is None:
+        level = torch.randint(bins, (rounds, n), device=dev, generator=generator)
+    else:
+        level = torch.full((rounds, n), magnitude, device=dev)
+    sign = torch.randint(2, (rounds, n), device=dev, generator=generator) * 2 - 1
+    mags = (table[ops, level] * torch.where(signed[ops], sign, 1)).to(x.dtype)
+    subsets = dev.type == "cpu" if subsets is None else subsets
+    if subsets:
+        x = x.clone()  # written in place below, one image subset at a time
+    for op, m in zip(ops, mags, strict=True):
+        steps = [((op >= 1) & (op <= 5), lambda v, o, g: _geometric(v, o, g))]
+        steps += [(op == j, lambda v, o, g, fn=fn: fn(v, g)) for j, fn in _POINTWISE]
+        for chosen, fn in steps:
+            if subsets:
+                idx = chosen.nonzero().squeeze(1)
+                if idx.numel():
+                    x.index_copy_(0, idx, fn(x.index_select(0, idx), op[idx], m[idx]))
+            else:
+                x = torch.where(chosen.view(-1, 1, 1, 1), fn(x, op, m), x)
+    return x
+
+
+def _log_gamma(alpha: float, n: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """log of n Gamma(alpha, 1) draws from `generator` (torch.distributions cannot take one): Marsaglia & Tsang's
+    squeeze-free rejection with 16 proposals per draw (each accepted with probability > 0.95, so all 16 fail
+    with probability < 1e-20), boosted by U^(1/alpha) for alpha < 1; in logs, so small alphas do not underflow."""
+    a = alpha + 1 if alpha < 1 else alpha
+    d = a - 1 / 3
+    c = 1 / math.sqrt(9 * d)
+    z = torch.randn(n, 16, device=device, generator=generator)
+    u = torch.rand(n, 16, device=device, generator=generator).clamp_min_(1e-30)
+    v = (1 + c * z) ** 3
+    log_v = v.clamp_min(1e-30).log()
+    ok = (v > 0) & (u.log() < 0.5 * z * z + d - d * v + d * log_v)
+    _, log_v = _first_fit(ok, log_v)
+    out = math.log(d) + log_v
+    boost = torch.rand(n, device=device, generator=generator).clamp_min_(1e-30)
+    return out + boost.log() / alpha if alpha < 1 else out
+
+
+def sample_beta(alpha: float, n: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """n draws of Beta(alpha, alpha) = G1 / (G1 + G2) for G ~ Gamma(alpha, 1)."""
+    g = _log_gamma(alpha, 2 * n, device, generator)
+    return torch.sigmoid(g[:n] - g[n:])
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, cutmix: float,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp (α = `mixup`) and / or CutMix (α = `cutmix`) per image, as torchvision.transforms.v2 defines them but
+    with λ ~ Beta(α, α) drawn per image (timm's "elem" mode) from `generator`: image i is mixed with image i-1
+    of the batch (torchvision's pairing: the batch is already in random order). With both set, each image gets
+    one of the two with probability 1/2. One lerp over the batch: each pixel takes `weight` of its partner
+    (1 - λ for MixUp, 1 inside the CutMix box, 0 outside). Returns the mixed batch and [N, classes] targets,
+    λ · own + (1 - λ) · partner's, which sum to 1."""
+    n, _, h, w = x.shape
+    dev = x.device
+    keep = torch.ones(n, device=dev, dtype=x.dtype)  # λ: the share of the image's own target
+    weight = torch.zeros(n, 1, 1, 1, device=dev, dtype=x.dtype)
+    if mixup > 0:
+        keep = sample_beta(mixup, n, dev, generator).to(x.dtype)
+        weight = (1 - keep).view(n, 1, 1, 1)
+    if cutmix > 0:
+        lam = sample_beta(cutmix, n, dev, generator)
+        centre = torch.rand(2, n, device=dev, generator=generator)
+        half = 0.5 * torch.sqrt(1 - lam)
+        cy, cx = (centre[0] * h).floor(), (centre[1] * w).floor()
+        y0, y1 = (cy - (half * h).floor()).clamp_min(0), (cy + (half * h).floor()).clamp_max(h)
+        x0, x1 = (cx - (half * w).floor()).clamp_min(0), (cx + (half * w).floor()).clamp_max(w)
+        rows = torch.arange(h, device=dev).view(1, 1, h, 1)
+        cols = torch.arange(w, device=dev).view(1, 1, 1, w)
+        box = ((rows >= y0.view(n, 1, 1, 1)) & (rows < y1.view(n, 1, 1, 1))
+               & (cols >= x0.view(n, 1, 1, 1)) & (cols < x1.view(n, 1, 1, 1))).to(x.dtype)
+        kept = (1 - (y1 - y0) * (x1 - x0) / (h * w)).to(x.dtype)  # the area actually kept
+        if mixup > 0:
+            use_cut = torch.rand(n, device=dev, generator=generator) < 0.5
+            weight = torch.where(use_cut.view(n, 1, 1, 1), box, weight)
+            keep = torch.where(use_cut, kept, keep)
+        else:
+            weight, keep = box, kept
+    target = F.one_hot(y, num_classes).to(x.dtype)
+    # lerp is exact at weights 0 and 1, so CutMix pixels are exactly the partner's or the image's own
+    return torch.lerp(x, x.roll(1, 0), weight), torch.lerp(target.roll(1, 0), target, keep.view(n, 1))
+
+
 class BatchTransform:
     """Callable turning a uint8 batch on the device into the model's float input.
 
@@ -147,6 +416,8 @@ class BatchTransform:
     it commutes with that per-channel affine map, so the batch is normalized while it is converted from
     uint8: one pass over the data instead of four. Rotation (whose zero fill is black, not the mean),
     resizing and colour jitter (which clamps to [0, 1]) run on plain pixel values, normalized last.
+    The presets (random resized crop, RandAugment / TrivialAugment, random erasing; MixUp / CutMix through
+    `mix`) are batched too, every draw per image from `generator`.
     """
 
     def __init__(self, pre: Preprocess, augment: Augment | None, device: torch.device,
@@ -169,33 +440,70 @@ class BatchTransform:
         aug = self.augment
         self.jitter = aug is not None and aug.color_jitter is not None
         self.rotate = aug is not None and aug.rotate > 0
+        self.crop = aug.random_resized_crop if aug is not None else None
+        self.policy = (aug.randaugment or aug.trivialaugment) if aug is not None else None
+        self.erase = aug.random_erasing if aug is not None else None
+        self.mixes = aug is not None and (aug.mixup > 0 or aug.cutmix > 0)  # fit calls `mix` with the labels
+        self.unit = self.jitter or self.policy is not None  # colour jitter and the policies work on [0, 1]
         self.resize = pre.resize is not None and tuple(pre.stored_shape[-2:]) != tuple(pre.resize)
-        self.normalize_first = not (self.rotate or self.jitter or self.resize)
+        self.normalize_first = not (self.rotate or self.unit or self.resize)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         aug = self.augment
         if self.normalize_first:
             x = self._affine(x, unit=False)  # uint8 in, normalized float out
-        elif self.jitter:
-            x = x.float().div_(255)  # colour jitter works on [0, 1]
+        elif self.unit:
+            x = x.float().div_(255)  # colour jitter and the policies work on [0, 1]
         else:
             x = x.float()  # rotation and resizing: 0..255, the 1/255 is in the final scale
+        if self.crop is not None:
+            x = random_resized_crop(x, self.crop, self.generator)
         if aug is not None and aug.hflip > 0:
             x = random_hflip(x, aug.hflip, self.generator)
         if self.rotate:
             x = random_rotate(x, aug.rotate, self.generator)
+        if self.policy is not None:
+            x = self._policy(x)
         if self.perm is not None:
             n, c, h, w = x.shape
             x = x.reshape(n, c, h * w)[:, :, self.perm].reshape(n, c, h, w)
         if self.pre.to_rgb and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.normalize_first:
-            return x
+            return self._erase(x)
         if self.resize and tuple(x.shape[-2:]) != tuple(self.pre.resize):
             x = F.interpolate(x, size=tuple(self.pre.resize), mode="bilinear", align_corners=False, antialias=True)
         if self.jitter:
             x = color_jitter(x.contiguous(), aug.color_jitter, self.generator)
-        return self._affine(x, unit=self.jitter)
+        return self._erase(self._affine(x, unit=self.unit))
+
+    def _policy(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.policy
+        if isinstance(p, RandAugment):
+            return auto_augment(x, self.generator, rounds=p.num_ops, bins=p.num_magnitude_bins,
+                                magnitude=p.magnitude, wide=False)
+        return auto_augment(x, self.generator, rounds=1, bins=p.num_magnitude_bins, magnitude=None, wide=True)
+
+    def _erase(self, x: torch.Tensor) -> torch.Tensor:
+        """Random erasing on the normalized input. The rectangle is drawn on the image as stored (before the
+        pixel permutation and resizing) and follows it through both, so a permuted run erases the same pixels."""
+        if self.erase is None:
+            return x
+        n = x.shape[0]
+        h, w = self.pre.stored_shape[-2:]
+        mask = erasing_mask(n, h, w, self.erase, x.device, self.generator)
+        if self.perm is not None:
+            mask = mask.reshape(n, 1, h * w)[:, :, self.perm].reshape(n, 1, h, w)
+        if tuple(mask.shape[-2:]) != tuple(x.shape[-2:]):
+            mask = F.interpolate(mask.to(x.dtype), size=tuple(x.shape[-2:]), mode="nearest").bool()
+        return random_erasing(x, self.erase, self.generator, mask)
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MixUp / CutMix (augment.mixup / cutmix) on a transformed training batch and its labels: the mixed
+        batch and [N, classes] class-probability targets."""
+        aug = self.augment
+        return mix_batch(x, y, len(self.pre.classes), aug.mixup, aug.cutmix, self.generator)
+
 
     def _affine(self, x: torch.Tensor, unit: bool) -> torch.Tensor:
         """shift + scale · x per channel, x in [0, 1] (`unit`) or 0..255; a 1-channel x broadcasts to the

@@ -216,7 +216,8 @@ class _Loop:
         self.start_epoch = epoch + 1
 
     def _batch(self, perms: list[torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
-        """(x, y, shared, global batch size): one gather per seed; x is [B, ...] when every member shares it."""
+        """(x, y, shared, global batch size): one gather per seed; x is [B, ...] when every member shares it.
+        With MixUp / CutMix, y holds class-probability targets ([..., B, classes]) instead of labels."""
         bs = self.tc.batch_size
         xs, ys = [], []
         size = 0
@@ -224,10 +225,14 @@ class _Loop:
             batch = perm[step * bs : (step + 1) * bs]
             size = len(batch)
             idx = _shard(batch, self.rank, self.world)
-            xs.append(self.train_tfs[u](self.images.index_select(0, idx)))
-            ys.append(self.labels.index_select(0, idx))
+            tf = self.train_tfs[u]
+            x, y = tf(self.images.index_select(0, idx)), self.labels.index_select(0, idx)
+            if tf.mixes:
+                x, y = tf.mix(x, y)
+            xs.append(x)
+            ys.append(y)
         if len(perms) == 1:
-            return xs[0], ys[0] if self.k == 1 else ys[0].expand(self.k, -1), True, size
+            return xs[0], ys[0] if self.k == 1 else ys[0].expand(self.k, *ys[0].shape), True, size
         return torch.stack(xs)[self.seed_index], torch.stack(ys)[self.seed_index], False, size
 
     def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int, steps: int) -> None:
@@ -262,6 +267,7 @@ class _Loop:
         # the non-finite check reads a value on the host (a sync on GPU, a collective under DDP), so it runs
         # every few steps and at the end of every epoch (the summed loss stays non-finite once it is)
         check_every = 20 if device.type == "cpu" and self.world == 1 else 50
+        mixes = self.train_tfs[0].mixes  # MixUp / CutMix: soft targets (every seed's transform has the same config)
         started = time.perf_counter()
         for epoch in range(self.start_epoch, tc.epochs + 1):
             if not any(self.active):
@@ -283,8 +289,10 @@ class _Loop:
                 (m.scaler.scale(loss) if m.scaler is not None else loss).backward()
                 m.step()
                 loss_sum.add_(logged, alpha=weight)
-                correct += (logits.detach().argmax(-1) == y).sum(-1)
-                seen += y.shape[-1]
+                # MixUp / CutMix: train accuracy counts against the argmax of each soft target
+                labels = y.argmax(-1) if mixes else y
+                correct += (logits.detach().argmax(-1) == labels).sum(-1)
+                seen += labels.shape[-1]
                 if (step + 1) % check_every == 0 or step + 1 == steps:
                     self._check_finite(loss_sum, epoch, step + 1, steps)
                     if not any(self.active):

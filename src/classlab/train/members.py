@@ -266,7 +266,7 @@ def member_losses(logits: torch.Tensor, y: torch.Tensor, tc: TrainConfig, global
             return loss, loss.detach(), n
         total = loss_fn(logits[0], y, tc, reduction="sum")
         return total * (world / global_size), total.detach(), 1
-    per = loss_fn(logits.reshape(k * n, c), y.reshape(-1), tc, reduction="none").view(k, n)
+    per = loss_fn(logits.reshape(k * n, c), y.flatten(0, 1), tc, reduction="none").view(k, n)  # labels or soft
     losses = per.mean(1)
     return losses.sum(), losses.detach(), n
 

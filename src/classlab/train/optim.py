@@ -37,11 +37,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy on logits by default; `nll` = log-softmax + NLL (the same maths, as the studies
-    wrote it); `softmax_before_loss` reproduces study D's softmax-then-CrossEntropy on purpose."""
+    wrote it); `softmax_before_loss` reproduces study D's softmax-then-CrossEntropy on purpose. `y` holds
+    labels, or [N, classes] class probabilities (MixUp / CutMix), which F.cross_entropy takes as they are."""
     if logits.dtype.itemsize < 4:  # bf16 / fp16 logits under autocast: the loss in fp32
         logits = logits.float()
     if cfg.softmax_before_loss:
         logits = logits.softmax(1)
     if cfg.loss == "nll":
+        if y.is_floating_point():  # class-probability targets (MixUp / CutMix)
+            per = -(y * logits.log_softmax(1)).sum(1)
+            return per if reduction == "none" else per.sum() if reduction == "sum" else per.mean()
         return F.nll_loss(logits.log_softmax(1), y, reduction=reduction)
     return F.cross_entropy(logits, y, reduction=reduction, label_smoothing=cfg.label_smoothing)
