@@ -195,7 +195,7 @@ class RunFolder:
 
     def read_preprocessing(self) -> dict:
         """preprocessing.json as written (transforms.Preprocess.from_dict turns it into a Preprocess)."""
-        doc = self.read_json(PREPROCESSING)
+        doc = self._read_json(PREPROCESSING)
         if not isinstance(doc, dict):
             raise ClasslabError(f"{self.preprocessing_path}: not a classlab preprocessing file")
         return doc
@@ -323,16 +323,13 @@ class RunFolder:
                                               **summary})
 
     def read_summary(self) -> dict:
-        summary = self.read_json(SUMMARY)
+        summary = self._read_json(SUMMARY)
         check_format(summary, self.summary_path)
         return summary
 
     # ------------------------------------------------------------------------- JSON files
 
-    def write_json(self, name: str, obj: Any) -> None:
-        atomic_write_json(self.path / name, obj)
-
-    def read_json(self, name: str) -> Any:
+    def _read_json(self, name: str) -> Any:
         path = self.path / name
         try:
             return json.loads(path.read_text(encoding="utf-8"))
