@@ -278,3 +278,20 @@ def test_bad_preset_key_is_one_line(idx_folder, tmp_path):
     study["data"]["augment"] = {"randaugment": {"num_opps": 2}}
     with pytest.raises(ClasslabError, match="num_opps.*num_ops"):
         run_study(write_study(tmp_path / "s.yaml", study), console=Console(quiet=True), device="cpu")
+
+
+def test_stacked_members_mix_as_they_would_alone(idx_folder, monkeypatch):
+    """A stacked grid group with MixUp + CutMix: every member gets its seed's mixed batch and soft targets,
+    so in float64 it trains exactly as each run alone."""
+    from tests.test_stacked import SMALL_MLP, _assert_same, _both
+
+    def cfg(name, seed, **train):
+        data = {"dataset": "idx", "root": str(idx_folder), "val_fraction": 0.2,
+                "augment": {"mixup": 0.4, "cutmix": 1.0, "hflip": 0.5}}
+        return validate(RunConfig, {"name": name, "seed": seed, "data": data, "model": SMALL_MLP,
+                                    "train": {"epochs": 2, "batch_size": 32, "lr": 0.01, **train}})
+
+    cfgs = [cfg("a", 0), cfg("b", 0, optimizer="rmsprop", lr=0.003), cfg("c", 1)]
+    stacked, sm, alone, am = _both(cfgs, torch.float64, monkeypatch)
+    assert all(r.stacked == 3 for r in stacked)
+    _assert_same(stacked, sm, alone, am)

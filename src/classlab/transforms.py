@@ -334,7 +334,7 @@ def auto_augment(x: torch.Tensor, generator: torch.Generator, *, rounds: int, bi
     if subsets:
         x = x.clone()  # written in place below, one image subset at a time
     for op, m in zip(ops, mags, strict=True):
-        steps = [((op >= 1) & (op <= 5), lambda v, o, g: _geometric(v, o, g))]
+        steps = [((op >= 1) & (op <= 5), _geometric)]  # ops 1-5: one grid_sample for all five
         steps += [(op == j, lambda v, o, g, fn=fn: fn(v, g)) for j, fn in _POINTWISE]
         for chosen, fn in steps:
             if subsets:
