@@ -537,6 +537,24 @@ class Select(Strict):
         None, description="pin this variant by name instead (the metric's pick is still printed)")
 
 
+class MLflowTrack(Strict):
+    """Log every run of the study to MLflow (classlab.tracking; needs `pip install 'classlab[mlflow]'`)."""
+
+    uri: str | None = Field(None, description="tracking URI, e.g. sqlite:///mlflow.db, a folder, http://host:5000; "
+                                              "None = MLflow's default ($MLFLOW_TRACKING_URI)")
+    experiment: str | None = Field(None, description="experiment name; None = the study's name")
+    artifact_location: str | None = Field(None, description="where a new experiment keeps its artifacts; "
+                                                            "None = the tracking server's default")
+    log_model: bool | Literal["onnx", "torchscript"] = Field(
+        False, description="also log each run's exported model (true = onnx), as `classlab export` writes it")
+
+
+class Track(Strict):
+    """Experiment trackers a study logs to, beside its run folders."""
+
+    mlflow: MLflowTrack | None = Field(None, description="log the study's runs to MLflow")
+
+
 class StudyConfig(Strict):
     """The study file as written; `runs` and `grid` hold raw overrides validated per run."""
 
@@ -554,6 +572,7 @@ class StudyConfig(Strict):
     select: Select | None = Field(None, description="after training, pick the best variant by a validation metric")
     retrain_on: Literal["train+val"] | None = Field(
         None, description="after select: train the chosen variant again on train + validation, report test")
+    track: Track = Track()
 
     @model_validator(mode="after")
     def _retrain_needs_select(self) -> StudyConfig:

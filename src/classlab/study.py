@@ -23,6 +23,7 @@ from classlab.models.summary import layer_table_text, model_table, parameter_cou
 from classlab.photo import input_stats
 from classlab.plan import PlannedRun, expand, retrain_plan, run_config_dict, select_variant, shard_runs, stack_groups
 from classlab.runs import RunFolder
+from classlab.tracking import StudyTracker, open_tracker
 from classlab.train import distributed
 from classlab.train.callbacks import TensorBoardLogger, TimeEstimate
 from classlab.train.device import resolve_device
@@ -154,6 +155,7 @@ class _Trainer:
         self.failed: list[str] = []
         self.busy: list[str] = []
         self.estimate: TimeEstimate | None = None
+        self.tracker: StudyTracker | None = None  # MLflow, when the study has track.mlflow
 
     def run_folder(self, run: PlannedRun) -> RunFolder:
         return RunFolder(self.folder / run.config.name)
@@ -266,6 +268,8 @@ class _Trainer:
             tensorboard = TensorBoardLogger([p.folder.tensorboard_dir if p.cfg.train.tensorboard else None
                                              for p in ready])
             callbacks = [save, tensorboard] + ([self.estimate] if self.estimate is not None else [])
+            if self.tracker is not None:
+                callbacks.append(self.tracker.start_runs(ready))
         epochs = ready[0].cfg.train.epochs
         try:
             results = fit([p.model for p in ready], ready[0].data, [p.cfg for p in ready], ready[0].pre,
@@ -282,11 +286,15 @@ class _Trainer:
             if result.failed is not None:
                 if main:
                     prep.folder.mark_failed(result.failed)
+                    if self.tracker is not None:
+                        self.tracker.run_failed(prep.folder, result.failed)
                 _say(self.console, f"failed: {result.failed}", "red")
                 self.failed.append(prep.cfg.name)
                 continue
             # the test set, predictions and summary: rank 0's work; the other ranks get its summary (or error)
             self.summaries.append(distributed.decided_by_main(lambda p=prep, r=result: _finish_run(p, r, self.device)))
+            if main and self.tracker is not None:
+                self.tracker.run_finished(prep.folder)
 
 
 def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: Console,
@@ -335,6 +343,7 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     if not writer:
         console = Console(quiet=True)  # rank 0 speaks for all
     restart, shard = options.restart, options.shard
+    tracker = None
     try:
         mine = shard_runs(planned, shard) if shard is not None else planned
         done = sum(RunFolder(folder / p.config.name).is_complete for p in mine) if not restart else 0
@@ -346,6 +355,7 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
         for warning in {distributed.batch_warning(p.config.train.batch_size) for p in mine} - {None}:
             _say(console, f"warning: {warning}", "yellow")
         trainer = _Trainer(folder, dev, console, options)
+        trainer.tracker = tracker = open_tracker(study, folder, planned, console) if writer else None
         started = time.perf_counter()
         if not options.retry_failed and not restart:
             gave_up = [p for p in mine if trainer.run_folder(p).is_failed]
@@ -364,6 +374,12 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
         console.print(f"[dim]study finished in {time.perf_counter() - started:.1f}s[/]")
         waiting = [p.config.name for p in planned
                    if not trainer.run_folder(p).is_complete and not trainer.run_folder(p).is_failed]
+        if tracker is not None:
+            tracker.close(trainer.failed, waiting, report=not options.worker)
+    except BaseException as e:
+        if tracker is not None:
+            tracker.abort(e)
+        raise
     finally:
         distributed.cleanup(joined)
     return StudyResult(study, folder, trainer.summaries, trainer.failed, selected, busy=trainer.busy,

@@ -1,0 +1,207 @@
+"""`classlab export`: a run's model, with its preprocessing folded into the graph, as ONNX or TorchScript.
+
+The exported graph takes what a dataset stores, uint8 images N×C×H×W at the run's stored shape (any N),
+and returns class probabilities (N×K float32). Inside it, exactly the run's evaluation transform
+(transforms.BatchTransform without augmentation): to float, the pixel permutation (one Gather), gray → RGB,
+the resize, the normalization (one multiply-add), then the model and a softmax. So another program needs
+nothing of classlab: beside the model file go `preprocessing.json` (the run's stored preprocessing, what the
+graph does with it, the input and output names) and `classes.txt` (one class name a line, in output order).
+
+The resize is torch's antialiased bilinear one written as two matrix products, `Wh @ x @ Ww^T`: that
+resize is separable and linear in the pixels, so its matrices are computed once by resizing the identity,
+and the graph holds no Resize operator whose antialiasing an ONNX runtime might do differently.
+What stays outside the graph is a photo's preparation (gray, inversion, crop to the object), which
+`classlab predict` does before an image reaches the model; preprocessing.json says which runs expect it.
+
+ONNX uses torch's TorchScript-based exporter (`dynamo=False`): it needs no package beyond torch and onnx
+(the dynamo exporter needs onnxscript), handles a dynamic batch axis, and exports every classlab model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from classlab.errors import ClasslabError, one_line
+from classlab.io import atomic_write_json, atomic_write_text
+from classlab.transforms import Preprocess
+
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+OPSET = 17  # ONNX opset: MatMul, Gather, Softmax and every layer classlab builds; onnxruntime ≥ 1.12 runs it
+INPUT, OUTPUT = "image", "probabilities"
+EXPORT_DIR = "export"  # default: <run>/export/model.onnx (RunFolder should own this name: see the report)
+PREPROCESSING, CLASSES = "preprocessing.json", "classes.txt"
+
+
+def resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """The size_out × size_in matrix of torch's 1-D antialiased bilinear resize (align_corners=False): row i
+    holds the weights output pixel i gives to each input pixel. Found by resizing the identity."""
+    # two identical columns resized 2 -> 2 (an identity): torch's kernel mishandles a width of 1
+    eye = torch.eye(size_in, dtype=torch.float64).view(size_in, 1, size_in, 1).expand(-1, -1, -1, 2).contiguous()
+    out = F.interpolate(eye, size=(size_out, 2), mode="bilinear", align_corners=False, antialias=True)
+    return out[:, 0, :, 0].T.float().contiguous()
+
+
+class Preprocessing(nn.Module):
+    """The run's evaluation transform as graph operations: uint8 N×C×H×W in, the model's float input out."""
+
+    def __init__(self, pre: Preprocess) -> None:
+        super().__init__()
+        c, h, w = pre.stored_shape
+        out_c, out_h, out_w = pre.input_shape
+        self.stored_shape = (c, h, w)
+        self.to_rgb = bool(pre.to_rgb and c == 1 and out_c == 3)
+        mean = torch.tensor(pre.mean, dtype=torch.float64).view(1, -1, 1, 1)
+        std = torch.tensor(pre.std, dtype=torch.float64).view(1, -1, 1, 1)
+        self.register_buffer("scale", (1 / (255 * std)).float())  # from 0..255, as BatchTransform
+        self.register_buffer("shift", (-mean / std).float())
+        self.permute = pre.permutation is not None
+        perm = torch.tensor(pre.permutation if self.permute else [], dtype=torch.int64)
+        self.register_buffer("perm", perm)
+        self.resize = pre.resize is not None and (h, w) != (out_h, out_w)
+        self.register_buffer("rows", resize_matrix(h, out_h) if self.resize else torch.empty(0))
+        self.register_buffer("cols_t", resize_matrix(w, out_w).T.contiguous() if self.resize else torch.empty(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.permute:
+            x = x.flatten(2).index_select(2, self.perm).view(x.shape)
+        if self.to_rgb:
+            x = torch.cat([x, x, x], 1)
+        if self.resize:
+            x = torch.matmul(torch.matmul(self.rows, x), self.cols_t)
+        return x * self.scale + self.shift
+
+
+class Exported(nn.Module):
+    """Preprocessing, the trained model and a softmax: uint8 images in, probabilities out."""
+
+    def __init__(self, pre: Preprocess, model: nn.Module) -> None:
+        super().__init__()
+        self.preprocess = Preprocessing(pre)
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(self.preprocess(image)).float().softmax(1)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    preprocessing: Path
+    classes: Path
+    seconds: float
+
+
+def default_output(run: str | Path, fmt: str) -> Path:
+    return Path(run) / EXPORT_DIR / f"model{SUFFIX[fmt]}"
+
+
+def export_run(run: str | Path, out: str | Path | None = None, fmt: str = "onnx") -> ExportResult:
+    """Export a finished (or interrupted) run's model with its preprocessing; see the module docstring."""
+    from classlab.inference import load_run
+
+    if fmt not in FORMATS:
+        raise ClasslabError(f"--format '{fmt}': choose {' or '.join(FORMATS)}")
+    loaded = load_run(run, "cpu")
+    out = Path(out) if out is not None else default_output(run, fmt)
+    started = time.perf_counter()
+    module = Exported(loaded.pre, loaded.model).eval()
+    example = torch.zeros((2, *loaded.stored_shape), dtype=torch.uint8)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClasslabError(f"cannot create {out.parent}: {e.strerror or e}") from None
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        if fmt == "onnx":
+            _onnx(module, example, tmp)
+        else:
+            _torchscript(module, example, tmp)
+        tmp.replace(out)
+    except ClasslabError:
+        raise
+    except Exception as e:  # the exporters raise many kinds; the user gets one line, not a traceback
+        raise ClasslabError(f"{loaded.path}: its model ({loaded.config.model.name}) cannot be exported to {fmt}: "
+                            f"{type(e).__name__}: {one_line(e)[:300]}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    pre_path, classes_path = out.with_name(PREPROCESSING), out.with_name(CLASSES)
+    atomic_write_json(pre_path, describe(loaded, fmt, out.name))
+    atomic_write_text(classes_path, "".join(f"{c}\n" for c in loaded.classes))
+    return ExportResult(out, fmt, pre_path, classes_path, time.perf_counter() - started)
+
+
+@torch.no_grad()
+def _onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer warnings
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, do_constant_folding=True)
+    try:
+        import onnx
+    except ImportError:  # the structural check is optional: torch writes the file without the onnx package
+        return
+    onnx.checker.check_model(str(path))
+
+
+@torch.no_grad()
+def _torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+        other = torch.zeros((3, *example.shape[1:]), dtype=torch.uint8)  # another batch size must work too
+        if tuple(traced(other).shape) != (3, tuple(module(other).shape)[1]):
+            raise ClasslabError("the traced model does not take another batch size")
+        traced.save(str(path))
+
+
+def describe(loaded, fmt: str, model_file: str) -> dict:
+    """preprocessing.json beside an exported model: the run's stored preprocessing and what the graph does."""
+    pre = loaded.pre
+    c, h, w = pre.stored_shape
+    steps = ["uint8 -> float"]
+    if pre.permutation is not None:
+        steps.append("pixel permutation (flattened H*W index: output pixel i = input pixel permutation[i])")
+    if pre.to_rgb and c == 1:
+        steps.append("gray -> RGB (the channel copied 3 times)")
+    if pre.resize is not None and (h, w) != tuple(pre.resize):
+        steps.append(f"resize to {list(pre.resize)} (bilinear, antialiased, as torch's interpolate)")
+    steps += ["normalize: (x / 255 - mean) / std per channel", "model", "softmax"]
+    return {
+        "format": fmt,
+        "model_file": model_file,
+        "input": {"name": INPUT, "dtype": "uint8", "layout": "NCHW", "shape": ["batch", c, h, w],
+                  "range": "0..255, as the dataset stores images"},
+        "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(pre.classes)],
+                   "meaning": "class probabilities, in the order of classes"},
+        "in_graph": steps,
+        "classes": list(pre.classes),
+        "photo_preparation": ("outside the graph: gray, invert when the background is lighter than the object, "
+                              "crop to the object, resize keeping the aspect (classlab predict does this)"
+                              if loaded.mnist_style else "none: the images are given as the dataset stores them"),
+        "light_object_on_dark": bool(loaded.mnist_style),
+        "run": {"path": str(loaded.path), "name": loaded.config.name, "model": loaded.config.model.name,
+                "dataset": loaded.config.data.dataset, "weights": Path(loaded.checkpoint).name,
+                "finished": loaded.finished},
+        "opset": OPSET if fmt == "onnx" else None,
+        "preprocessing": pre.to_dict(),
+    }
+
+
+def read_classes(path: str | Path) -> list[str]:
+    return Path(path).read_text(encoding="utf-8").splitlines()
+
+
+def read_description(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
