@@ -372,27 +372,6 @@ def export(
                   markup=False, highlight=False)
 
 
-@app.command("config")
-def config_cmd(
-    section: str | None = typer.Argument(None, help="only the keys under this dotted path, e.g. train or data.augment"),
-    reference: bool = typer.Option(False, "--reference", help="every study-file key: type, default and meaning"),
-    markdown: bool = typer.Option(False, "--markdown", help="as Markdown tables (what docs/config.md holds)"),
-) -> None:
-    """The configuration reference, generated from the config models (docs/config.md is its Markdown form)."""
-    from classlab.config_reference import render_markdown, render_text, sections
-
-    if not reference:
-        raise ClasslabError("classlab config: add --reference to print every study-file key (or see docs/config.md)")
-    secs = sections()
-    if section:
-        secs = [s for s in secs if s.path == section or s.path.startswith((section + ".", section + "["))]
-        if not secs:
-            paths = sorted({s.path.split(".")[0] for s in sections() if s.path})
-            raise ClasslabError(f"classlab config: no section '{section}'; top-level sections: {', '.join(paths)}")
-    text = render_markdown(secs) if markdown else render_text(secs)
-    sys.stdout.write(text)
-
-
 @app.command()
 def version() -> None:
     """Print the classlab version."""
