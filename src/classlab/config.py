@@ -195,6 +195,9 @@ class Subset(Strict):
         None, gt=0, description="keep this many training images (stratified, seeded by data.split_seed)")
     test: int | None = Field(
         None, gt=0, description="keep this many test images (stratified, seeded by data.split_seed)")
+    keep: dict[str, Annotated[float, Field(gt=0, le=1)]] | None = Field(
+        None, description="keep only this fraction of the listed classes' training images, e.g. {disgust: 0.1}: "
+        "a class imbalance made on purpose (seeded by data.split_seed; the test split is untouched)")
 
 
 class DataConfig(Strict):
@@ -220,6 +223,9 @@ class DataConfig(Strict):
         "else measured on the training images")
     augment: Augment = Field(Augment(), description="train-time augmentation, batched on the device")
     subset: Subset | None = Field(None, description="a stratified sample of the splits, for quick experiments")
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle", description="training order per epoch: shuffle (each image once), or balanced (a class-balanced "
+        "draw with replacement, as many images as the training split, from the run's seeded order generator)")
     to_rgb: bool = Field(False, description="copy a gray channel to 3 (ImageNet models), per batch")
     resize: tuple[int, int] | None = Field(None, description="resize each batch on the device to [H, W]")
 
@@ -428,8 +434,9 @@ class Scheduler(Strict):
 class EarlyStopping(Strict):
     patience: int = Field(
         3, gt=0, description="stop after this many epochs without improvement; the best epoch's weights are kept")
-    monitor: Literal["val_loss", "val_accuracy"] = Field(
-        "val_loss", description="the validation metric watched: val_loss (lower is better) or val_accuracy")
+    monitor: Literal["val_loss", "val_accuracy", "val_macro_f1", "val_balanced_accuracy"] = Field(
+        "val_loss", description="the validation metric watched: val_loss (lower is better), val_accuracy, "
+        "val_macro_f1 or val_balanced_accuracy")
     min_delta: float = Field(
         0.0, ge=0, description="an epoch counts as an improvement only when it beats the best by more than this")
 
@@ -471,6 +478,10 @@ class TrainConfig(Strict):
                                  "shares of the batch (SyncBatchNorm) instead of each GPU's own")
     tensorboard: bool = Field(
         False, description="also write TensorBoard event files to <run>/tensorboard (pip install tensorboard)")
+    class_weights: Literal["auto"] | dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="weight of each class in the training loss: auto = inverse frequency in the training "
+        "split, normalized so the mean image weight is 1 (n / (classes × count)); or {class name: weight}, 1 for "
+        "classes not listed. Validation and test losses stay unweighted")
     lr_groups: dict[str, Annotated[float, Field(gt=0)] | list[Annotated[float, Field(gt=0)]]] | None = Field(
         None, description="learning rate per parameter group or stage role, e.g. {layer4: 5e-4, fc: 1e-3} or "
         "{stem: 1e-5, stages: [1e-5, 5e-5, 1e-4, 5e-4], head: 1e-3}; `decay: 0.7` gives each group without "
@@ -507,6 +518,48 @@ class TrainConfig(Strict):
 # ----------------------------------------------------------------------------- runs and studies
 
 
+class EvalConfig(Strict):
+    """What the test evaluation adds after training (evaluate.evaluate_run): a temperature fitted on the
+    validation logits, and test-time augmentation reported beside the plain test metrics."""
+
+    temperature_scaling: bool = Field(
+        False, description="fit one temperature on the validation logits after training (LBFGS, fp64), store it "
+        "in the run folder (temperature.json) and apply it to the test metrics, predict and compare; the report "
+        "shows the expected calibration error before and after (needs data.val_fraction)")
+    tta: list[str] = Field(
+        [], description="test-time augmentation views, averaged (probabilities) with the plain image: hflip, vflip, "
+        "rotate:K (two views, +K and -K degrees); reported as test_tta beside the plain test metrics, and used "
+        "by predict and compare --images")
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _tta_views(cls, v: Any) -> Any:
+        """Canonical view names; `rotate: 10` (a one-key mapping, as YAML reads `[hflip, rotate: 10]`) too."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            if isinstance(item, dict) and len(item) == 1:
+                item = "{}:{}".format(*next(iter(item.items())))
+            text = str(item).strip().lower().replace(" ", "")
+            name, _, arg = text.partition(":")
+            if name in ("hflip", "vflip") and not arg:
+                out.append(name)
+                continue
+            if name == "rotate":
+                try:
+                    degrees = float(arg)
+                except ValueError:
+                    degrees = 0.0
+                if 0 < degrees <= 180:
+                    out.append(f"rotate:{degrees:g}")
+                    continue
+            raise ValueError(f"'{item}' is not a view; write hflip, vflip or rotate:K (0 < K <= 180 degrees)")
+        if len(set(out)) != len(out):
+            raise ValueError("a view is listed twice")
+        return out
+
+
 class RunConfig(Strict):
     """One fully resolved run: what `runs.py` writes as config.yaml and `fit` trains."""
 
@@ -515,11 +568,14 @@ class RunConfig(Strict):
     data: DataConfig = Field(DataConfig(), description="the resolved data section")
     model: ModelConfig = Field(description="the resolved model section")
     train: TrainConfig = Field(TrainConfig(), description="the resolved train section")
+    eval: EvalConfig = Field(EvalConfig(), description="the resolved eval section")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.train.early_stopping is not None and self.data.val_fraction is None:
             raise ValueError("train.early_stopping needs a validation split: set data.val_fraction")
+        if self.eval.temperature_scaling and self.data.val_fraction is None:
+            raise ValueError("eval.temperature_scaling needs a validation split to fit on: set data.val_fraction")
         return self
 
 
@@ -528,7 +584,7 @@ class Select(Strict):
     variant whose lower 95% confidence bound is best), or pin one by name (to retrain what a paper chose;
     the metric's pick is still printed beside it). `metric:` is accepted as the older name of `by:`."""
 
-    by: Literal["val_accuracy", "val_loss"] = Field(
+    by: Literal["val_accuracy", "val_loss", "macro_f1", "balanced_accuracy"] = Field(
         "val_accuracy", validation_alias=AliasChoices("by", "metric"),
         description="the validation metric that picks the variant (metric: is accepted as the older name)")
     rule: Literal["mean", "lower_bound"] = Field(
@@ -565,6 +621,8 @@ class StudyConfig(Strict):
     data: dict[str, Any] = Field({}, description="the data section every run starts from")
     model: dict[str, Any] = Field(description="the model section every run starts from")
     train: dict[str, Any] = Field({}, description="the train section every run starts from")
+    eval: dict[str, Any] = Field({}, description="the eval section every run starts from (calibration, "
+                                 "test-time augmentation)")
     runs: list[dict[str, Any]] | None = Field(
         None, description="named variants, each a name and overrides of data / model / train; none = one run, base")
     grid: dict[str, list[Any]] | None = Field(
@@ -572,7 +630,7 @@ class StudyConfig(Strict):
     select: Select | None = Field(None, description="after training, pick the best variant by a validation metric")
     retrain_on: Literal["train+val"] | None = Field(
         None, description="after select: train the chosen variant again on train + validation, report test")
-    track: Track = Track()
+    track: Track = Field(Track(), description="experiment trackers to log every run to")
 
     @model_validator(mode="after")
     def _retrain_needs_select(self) -> StudyConfig:
@@ -805,7 +863,7 @@ def validate(cls: type[Strict], raw: dict[str, Any], where: str = "") -> Any:
         raise ClasslabError(format_validation_error(err, cls, where)) from None
 
 
-RUN_SECTIONS = ("data", "model", "train")
+RUN_SECTIONS = ("data", "model", "train", "eval")
 
 
 def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:

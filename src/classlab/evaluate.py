@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from classlab.config import RunConfig, TrainConfig
+from classlab.errors import ClasslabError
 from classlab.train.speed import channels_last_input, is_channels_last
 from classlab.transforms import BatchTransform
 
@@ -40,8 +41,11 @@ def metrics_from_confusion(cm: torch.Tensor) -> dict:
         return {"precision": float((precision * w).sum()), "recall": float((recall * w).sum()),
                 "f1": float((f1 * w).sum()), "support": int(total)}
 
+    present = support > 0
     return {
         "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
+        # the mean recall over the classes present (sklearn's balanced_accuracy_score)
+        "balanced_accuracy": float(recall[present].mean()) if bool(present.any()) else 0.0,
         "per_class": {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
                       "support": [int(s) for s in support.tolist()]},
         "macro": avg("macro"),
@@ -56,6 +60,46 @@ def classification_report(y_true: torch.Tensor, logits: torch.Tensor, num_classe
     out = metrics_from_confusion(cm)
     out["confusion_matrix"] = cm.tolist()
     return out
+
+
+ECE_BINS = 15
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict:
+    """Top-label reliability: the confidence (highest probability) of each prediction falls in one of `bins`
+    equal-width bins ((0, 1/bins], ..., ((bins-1)/bins, 1]); per bin the count, the mean confidence and the
+    accuracy (None for an empty bin)."""
+    probs = probs.detach().double()
+    confidence, pred = probs.max(1)
+    correct = (pred == labels.to(pred.device)).double()
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    count = torch.bincount(index, minlength=bins).double()
+    conf_sum = torch.zeros(bins, dtype=torch.float64, device=probs.device).index_add_(0, index, confidence)
+    acc_sum = torch.zeros(bins, dtype=torch.float64, device=probs.device).index_add_(0, index, correct)
+    def mean(total: torch.Tensor) -> list[float | None]:
+        return [float(t / c) if c > 0 else None for t, c in zip(total.tolist(), count.tolist(), strict=True)]
+
+    return {"bins": bins, "count": [int(c) for c in count.tolist()], "confidence": mean(conf_sum),
+            "accuracy": mean(acc_sum)}
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE (Guo et al. 2017): sum over the equal-width confidence bins of |accuracy - mean confidence|, weighted
+    by the bin's share of the predictions; top-label, `bins` = 15."""
+    return ece_of(reliability_bins(probs, labels, bins))
+
+
+def ece_of(reliability: dict) -> float:
+    """The ECE of a `reliability_bins` result."""
+    total = sum(reliability["count"])
+    if total == 0:
+        return 0.0
+    return float(sum(n * abs(a - c) for n, a, c in zip(reliability["count"], reliability["accuracy"],
+                                                      reliability["confidence"], strict=True) if n) / total)
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
+    return [int(c) for c in torch.bincount(labels.long().cpu(), minlength=num_classes).tolist()]
 
 
 @torch.inference_mode()
@@ -91,27 +135,83 @@ class TestEvaluation:
     """A trained run on its test split: the metrics summary.json records, and what predictions.npz holds."""
 
     metrics: dict
-    probs: torch.Tensor  # [N, classes] on the CPU
+    probs: torch.Tensor  # [N, classes] on the CPU (temperature-scaled when a temperature was fitted)
     worst: torch.Tensor  # indices of the most confident mistakes
+    calibration: dict | None = None  # summary.json's "calibration": ECE (before / after), reliability bins
+    temperature: dict | None = None  # temperature.json, when eval.temperature_scaling fitted one
+    tta: dict | None = None  # summary.json's "test_tta", when eval.tta lists views
 
 
 def evaluate_test(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform,
                   tc: TrainConfig, num_classes: int, device: torch.device) -> TestEvaluation:
     """Loss, accuracy, confusion matrix and per-class metrics on a split, from one forward pass (fp32)."""
-    from classlab.train.optim import loss_fn
-
     logits = predict_logits(model, images, transform, tc.eval_batch_size, device)
     labels = labels.to(device)
-    loss = float(loss_fn(logits, labels, tc, reduction="sum")) / max(len(labels), 1)
-    probs = logits.softmax(1)
-    metrics = {"loss": loss, **classification_report(labels, logits, num_classes)}
-    return TestEvaluation(metrics, probs.cpu(), worst_mistakes(probs, labels).cpu())
+    metrics, probs = _split_metrics(logits, labels, tc, num_classes)
+    reliability = reliability_bins(probs, labels)
+    calibration = {"bins": ECE_BINS, "temperature": None, "ece": metrics["ece"], "reliability": reliability}
+    return TestEvaluation(metrics, probs.cpu(), worst_mistakes(probs, labels).cpu(), calibration)
+
+
+def _split_metrics(logits: torch.Tensor, labels: torch.Tensor, tc: TrainConfig, num_classes: int,
+                   temperature: float = 1.0) -> tuple[dict, torch.Tensor]:
+    """summary.json's metrics of one split's logits (divided by `temperature`), and the probabilities."""
+    from classlab.train.optim import loss_fn
+
+    scaled = logits / temperature if temperature != 1.0 else logits
+    loss = float(loss_fn(scaled, labels, tc, reduction="sum")) / max(len(labels), 1)
+    probs = scaled.softmax(1)
+    metrics = {"loss": loss, **classification_report(labels, scaled, num_classes),
+               "ece": expected_calibration_error(probs, labels)}
+    return metrics, probs
+
+
+def evaluate_run(model: nn.Module, data, pre, cfg: RunConfig, device: torch.device) -> TestEvaluation:
+    """The test evaluation of a trained run with its `eval` section: as `evaluate_test`, plus (with
+    `eval.temperature_scaling`) one temperature fitted on the validation logits and applied to the test
+    metrics and probabilities, ECE before and after; and (with `eval.tta`) the test metrics of the
+    probabilities averaged over the augmented views, beside (never instead of) the plain ones."""
+    from classlab.calibration import fit_temperature
+    from classlab.tta import tta_probs
+
+    tc, ec, k = cfg.train, cfg.eval, len(data.classes)
+    transform = BatchTransform(pre, None, device)
+    labels = data.test.labels.to(device)
+    logits = predict_logits(model, data.test.images, transform, tc.eval_batch_size, device)
+    plain, plain_probs = _split_metrics(logits, labels, tc, k)
+    calibration = {"bins": ECE_BINS, "temperature": None, "ece": plain["ece"],
+                   "reliability": reliability_bins(plain_probs, labels)}
+    metrics, probs, record, t = plain, plain_probs, None, 1.0
+    if ec.temperature_scaling:
+        if data.val is None or len(data.val) == 0:
+            raise ClasslabError("eval.temperature_scaling needs a validation split: set data.val_fraction")
+        val_labels = data.val.labels.to(device)
+        val_logits = predict_logits(model, data.val.images, transform, tc.eval_batch_size, device)
+        record = fit_temperature(val_logits, val_labels)
+        t = record["temperature"]
+        metrics, probs = _split_metrics(logits, labels, tc, k, t)
+        calibration.update({
+            "temperature": t, "ece": metrics["ece"], "ece_before": plain["ece"], "loss_before": plain["loss"],
+            "reliability": reliability_bins(probs, labels), "reliability_before": calibration["reliability"],
+            "val": {key: record[key] for key in ("images", "nll_before", "nll_after", "ece_before", "ece_after")}})
+    tta = None
+    if ec.tta:
+        views_probs, views = tta_probs(model, data.test.images, transform, tc.eval_batch_size, device, ec.tta, t)
+        report = classification_report(labels, views_probs.log(), k)
+        nll = float(torch.nn.functional.nll_loss(views_probs.clamp_min(1e-12).log(), labels, reduction="mean"))
+        tta = {"views": views, "accuracy": report["accuracy"], "balanced_accuracy": report["balanced_accuracy"],
+               "macro_f1": report["macro"]["f1"], "nll": nll, "ece": expected_calibration_error(views_probs, labels),
+               "confusion_matrix": report["confusion_matrix"], "temperature": t if record else None,
+               "plain_accuracy": metrics["accuracy"]}
+    return TestEvaluation(metrics, probs.cpu(), worst_mistakes(probs, labels).cpu(), calibration, record, tta)
 
 
 def _val_at(history: list[dict], epoch: int) -> dict | None:
     for row in history:
         if row["epoch"] == epoch and row.get("val_loss") is not None:
-            return {"loss": row["val_loss"], "accuracy": row["val_accuracy"], "epoch": epoch}
+            extra = {key.removeprefix("val_"): row[key] for key in ("val_macro_f1", "val_balanced_accuracy")
+                     if row.get(key) is not None}
+            return {"loss": row["val_loss"], "accuracy": row["val_accuracy"], **extra, "epoch": epoch}
     return None
 
 
@@ -141,5 +241,10 @@ def run_summary(cfg: RunConfig, data, result, test: TestEvaluation, parameters: 
         "device": str(device),
         "trained_together": result.stacked > 1,
         "data": {"source": data.source, "train": len(data.train), "val": len(data.val) if data.val else 0,
-                 "test": len(data.test), "skipped_files": len(data.skipped)},
+                 "test": len(data.test), "skipped_files": len(data.skipped),
+                 "class_counts": {name: class_counts(split.labels, len(data.classes))
+                                  for name, split in (("train", data.train), ("val", data.val), ("test", data.test))
+                                  if split is not None}},
+        **({"calibration": test.calibration} if test.calibration is not None else {}),
+        **({"test_tta": test.tta} if test.tta is not None else {}),
     }

@@ -44,7 +44,7 @@ def grid_cells(grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
 
 def expand(study: StudyConfig, where: str = "") -> list[PlannedRun]:
     """One RunConfig per (run, grid cell, seed). Names are stable: `<run>[-<cell>][-seed<k>]`."""
-    base = {"data": study.data, "model": study.model, "train": study.train}
+    base = {"data": study.data, "model": study.model, "train": study.train, "eval": study.eval}
     variants: list[tuple[str, dict[str, Any]]] = []
     run_list = study.runs or [{"name": "base"}]
     cells = grid_cells(study.grid) if study.grid else [("", {})]
@@ -80,6 +80,7 @@ def retrain_plan(planned: list[PlannedRun], variant: str, where: str) -> list[Pl
         raw["name"] = "retrain-" + run.config.name
         raw["data"]["val_fraction"] = None
         raw["train"]["early_stopping"] = None
+        raw["eval"]["temperature_scaling"] = False  # no validation split left to fit a temperature on
         out.append(PlannedRun(validate(RunConfig, raw, where=where), "retrain-" + variant))
     return out
 
@@ -116,7 +117,11 @@ def select_variant(summaries: list[dict], metric: str, rule: str = "mean") -> st
         val = s.get("kept_val", s.get("best_val"))
         if val is None:
             raise ClasslabError(f"select: run '{s['name']}' has no validation metrics; set data.val_fraction")
-        scores.setdefault(variant_of(s["name"]), []).append(val[metric.removeprefix("val_")])
+        key = metric.removeprefix("val_")
+        if key not in val:
+            raise ClasslabError(f"select.by {metric}: run '{s['name']}' has no validation {key} (trained by an older "
+                                "classlab); retrain it or select by val_accuracy / val_loss")
+        scores.setdefault(variant_of(s["name"]), []).append(val[key])
     return by_rule(scores, rule, higher_is_better=metric != "val_loss")
 
 
@@ -125,7 +130,7 @@ def select_variant(summaries: list[dict], metric: str, rule: str = "mean") -> st
 # Train settings that must be equal for members to share steps and evaluation; everything else
 # (optimizer, lr, momentum, weight decay, L1, scheduler, early stopping, seed) may differ per member.
 SHARED_TRAIN_KEYS = ("epochs", "batch_size", "eval_batch_size", "loss", "softmax_before_loss", "label_smoothing",
-                     "amp", "compile", "deterministic", "device", "threads")
+                     "amp", "compile", "deterministic", "device", "threads", "class_weights")
 
 # On a CPU, vmapped convolutions (grouped convolutions underneath, no channels-last) lose to one-by-one
 # training: 3 × study A's CNN took 188 ms per step stacked against 78 ms one after another. So on a
@@ -153,7 +158,7 @@ def stack_key(cfg: RunConfig, device_type: str = "cpu") -> tuple | None:
         if device_type == "cpu" and not VMAP_ON_CPU:
             return None
         model = ("same", repr(cfg.model))
-    return model, repr(cfg.data), tuple(getattr(t, k) for k in SHARED_TRAIN_KEYS)
+    return model, repr(cfg.data), tuple(repr(getattr(t, k)) for k in SHARED_TRAIN_KEYS)
 
 
 def can_stack(cfgs: Sequence[RunConfig], device_type: str = "cpu") -> bool:

@@ -13,9 +13,9 @@ from classlab.data.fer_csv import FER_CLASSES, read_fer_csv
 from classlab.data.folder import read_image_folder
 from classlab.data.idx import IDX_FILES, find_idx_file, read_idx_pair
 from classlab.data.locate import locate_idx
-from classlab.data.split import relabel, stratified_split, stratified_subset
+from classlab.data.split import keep_fraction, relabel, stratified_split, stratified_subset
 from classlab.errors import ClasslabError
-from classlab.registry import DATASETS
+from classlab.registry import DATASETS, suggest
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -162,6 +162,14 @@ def load_dataset(cfg: DataConfig) -> ImageData:
             if limit is not None and limit < len(splits[name]):
                 idx = stratified_subset(splits[name].labels, limit, cfg.split_seed)
                 splits[name] = Split(splits[name].images[idx], splits[name].labels[idx])
+    if cfg.subset is not None and cfg.subset.keep:
+        unknown = [name for name in cfg.subset.keep if name not in classes]
+        if unknown:
+            raise ClasslabError(f"data.subset.keep: no class '{unknown[0]}'{suggest(unknown[0], classes)}; "
+                                f"classes: {', '.join(classes)}")
+        idx = keep_fraction(splits["train"].labels, {classes.index(k): v for k, v in cfg.subset.keep.items()},
+                            cfg.split_seed)
+        splits["train"] = Split(splits["train"].images[idx], splits["train"].labels[idx])
     if cfg.relabel is not None:
         mapping, classes = relabel(classes, cfg.relabel)
         splits = {k: Split(v.images, mapping[v.labels]) for k, v in splits.items()}

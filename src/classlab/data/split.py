@@ -22,11 +22,54 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
 
 
-def stratified_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
-    """`size` indices with class proportions kept (balanced data stays balanced)."""
-    fraction = size / len(labels)
-    _, chosen = stratified_split(labels, fraction, seed)
-    return chosen
+def stratified_subset(labels: torch.Tensor, size: int, seed: int, what: str = "data.subset") -> torch.Tensor:
+    """Exactly `size` indices (sorted), the same for the same seed, with every class present and each
+    class's share as close to its share of `labels` as whole images allow (largest remainders)."""
+    classes, counts = torch.unique(labels, return_counts=True)
+    total, k = len(labels), len(classes)
+    if size > total:
+        raise ClasslabError(f"{what} {size}: the split has only {total} images; ask for at most {total}")
+    if size < k:
+        raise ClasslabError(f"{what} {size}: fewer images than the {k} classes; a stratified subset keeps every "
+                            f"class, so ask for at least {k}")
+    quota = counts.double() * size / total
+    take = quota.floor().long().clamp(min=1)
+    while int(take.sum()) > size:  # the floor of 1 per class overshot: take back where it is furthest above quota
+        over = torch.where(take > 1, take - quota, torch.full_like(quota, -float("inf")))
+        take[int(over.argmax())] -= 1
+    while int(take.sum()) < size:  # hand out the rest by the largest remainder, within each class's images
+        under = torch.where(take < counts, quota - take, torch.full_like(quota, -float("inf")))
+        take[int(under.argmax())] += 1
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c, n in zip(classes.tolist(), take.tolist(), strict=True):
+        idx = torch.nonzero(labels == c).flatten()
+        chosen.append(idx[torch.randperm(len(idx), generator=g)][:n])
+    return torch.sort(torch.cat(chosen)).values
+
+
+def _class_of(member: str | int, classes: list[str], group: str) -> int:
+    """A relabel member's class index. Names come first: a number is the class of that name when there is one
+    (folders named 1, 2, 10), else an index; a number that names one class and indexes another is an error."""
+    if isinstance(member, bool) or not isinstance(member, int | str):
+        raise ClasslabError(f"data.relabel.{group}: '{member}' is neither a class name nor a class index")
+    name = str(member)
+    if isinstance(member, str):
+        if name in classes:
+            return classes.index(name)
+        raise ClasslabError(f"data.relabel.{group}: unknown class '{member}'{suggest(name, classes)}; "
+                            f"classes are: {', '.join(classes)}")
+    named = classes.index(name) if name in classes else None
+    indexed = member if 0 <= member < len(classes) else None
+    if named is not None and indexed is not None and named != indexed:
+        raise ClasslabError(
+            f"data.relabel.{group}: {member} is ambiguous: the class named '{name}' is index {named}, and index "
+            f"{member} is the class '{classes[indexed]}'; write '{name}' (quoted) for the class named {name}, or "
+            f"'{classes[indexed]}' for the class at index {member}")
+    if named is None and indexed is None:
+        raise ClasslabError(f"data.relabel.{group}: no class named '{name}' and class index {member} is outside "
+                            f"0–{len(classes) - 1}; classes are: {', '.join(classes)}")
+    return named if named is not None else indexed  # type: ignore[return-value]
 
 
 def relabel(classes: list[str], groups: dict[str, list[str | int]]) -> tuple[torch.Tensor, list[str]]:
@@ -34,17 +77,7 @@ def relabel(classes: list[str], groups: dict[str, list[str | int]]) -> tuple[tor
     mapping = torch.full((len(classes),), -1, dtype=torch.long)
     for new_index, (group, members) in enumerate(groups.items()):
         for member in members:
-            if isinstance(member, int) and not isinstance(member, bool):
-                if not 0 <= member < len(classes):
-                    raise ClasslabError(f"data.relabel.{group}: class index {member} outside 0–{len(classes) - 1}")
-                old = member
-            elif member in classes:
-                old = classes.index(member)
-            else:
-                raise ClasslabError(
-                    f"data.relabel.{group}: unknown class '{member}'{suggest(str(member), classes)}; "
-                    f"classes are: {', '.join(classes)}"
-                )
+            old = _class_of(member, classes, group)
             if mapping[old] != -1:
                 raise ClasslabError(f"data.relabel: class '{classes[old]}' is in more than one group")
             mapping[old] = new_index
@@ -52,3 +85,15 @@ def relabel(classes: list[str], groups: dict[str, list[str | int]]) -> tuple[tor
     if unmapped:
         raise ClasslabError(f"data.relabel: classes not in any group: {', '.join(unmapped)}; add them to a group")
     return mapping, list(groups)
+
+
+def keep_fraction(labels: torch.Tensor, fractions: dict[int, float], seed: int) -> torch.Tensor:
+    """Indices that keep every image except all but `fractions[c]` of class c's (seeded, at least one)."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    for c, fraction in fractions.items():
+        members = torch.nonzero(labels == c).flatten()
+        drop = members[torch.randperm(len(members), generator=gen)][max(1, round(fraction * len(members))):]
+        keep[drop] = False
+    return torch.nonzero(keep).flatten()
+

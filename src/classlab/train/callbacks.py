@@ -31,7 +31,7 @@ class EarlyStopper:
 
     @property
     def sign(self) -> float:
-        return -1.0 if self.monitor.endswith("accuracy") else 1.0
+        return 1.0 if self.monitor == "val_loss" else -1.0  # accuracy, macro F1: higher is better
 
     def update(self, epoch: int, value: float | None, model: nn.Module) -> bool:
         """Record an epoch; True when it is the best so far by the monitored validation metric (every epoch

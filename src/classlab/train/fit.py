@@ -34,7 +34,7 @@ from classlab.train.callbacks import EarlyStopper
 from classlab.train.checkpoint import rng_state, set_rng_state, training_state
 from classlab.train.device import amp_dtype, autocast, configure_backends, grad_scaler
 from classlab.train.members import Single, Stacked, build_members, member_losses
-from classlab.train.optim import loss_fn
+from classlab.train.optim import class_weights, loss_fn
 from classlab.train.speed import set_threads
 from classlab.transforms import BatchTransform, Preprocess
 
@@ -173,6 +173,11 @@ class _Loop:
         self.notes: list[str] = []  # for the run log: what a resume could not continue exactly
         self.images = data.train.images.to(device)
         self.labels = data.train.labels.to(device)
+        self.class_weight = class_weights(self.tc.class_weights, data.classes, self.labels)
+        self.draw_weights = None  # data.sampler: balanced: each image drawn with probability 1 / its class's count
+        if self.cfgs[0].data.sampler == "balanced":
+            counts = torch.bincount(data.train.labels, minlength=len(data.classes)).double()
+            self.draw_weights = 1 / counts[data.train.labels]
         self.val = None
         if data.val is not None:
             self.val = (data.val.images.to(device), data.val.labels.to(device))
@@ -235,6 +240,14 @@ class _Loop:
             return xs[0], ys[0] if self.k == 1 else ys[0].expand(self.k, *ys[0].shape), True, size
         return torch.stack(xs)[self.seed_index], torch.stack(ys)[self.seed_index], False, size
 
+    def _order(self, gen: torch.Generator) -> torch.Tensor:
+        """An epoch's image order from the seed's order generator (checkpointed, so a resume continues it):
+        a permutation, or a class-balanced draw with replacement of as many images."""
+        n = len(self.labels)
+        if self.draw_weights is None:
+            return torch.randperm(n, generator=gen).to(self.device)
+        return torch.multinomial(self.draw_weights, n, replacement=True, generator=gen).to(self.device)
+
     def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int, steps: int) -> None:
         finite = distributed.finite_each(loss_sum.reshape(-1))
         for k, ok in enumerate(finite):
@@ -244,19 +257,29 @@ class _Loop:
                     f"run '{self.cfgs[k].name}': loss became non-finite at epoch {epoch}, by step {step}/{steps} "
                     f"(learning rate {self.members.lr(k):g}); lower train.lr or check the data")
 
-    def _validate(self) -> tuple[list[float] | None, list[float] | None]:
-        """Per-member (loss, accuracy) on the validation split; rank 0's numbers in every rank (they drive
-        early stopping, which all must agree on)."""
+    def _validate(self) -> dict[str, list[float]] | None:
+        """Per-member validation metrics (loss, accuracy, macro F1, balanced accuracy); rank 0's numbers in
+        every rank (they drive early stopping, which all must agree on)."""
         if self.val is None:
-            return None, None
+            return None
 
-        def evaluate() -> tuple[list[float], list[float]]:
+        def evaluate() -> dict[str, list[float]]:
             images, labels = self.val
             logits = self.members.eval_logits(images, self.eval_tf, self.tc.eval_batch_size)
             k, n, c = logits.shape
             per = loss_fn(logits.reshape(k * n, c), labels.repeat(k), self.tc, reduction="none").view(k, n)
+            pred = logits.argmax(2)
+            # one confusion matrix per member: cm[k, true, predicted]
+            index = (torch.arange(k, device=pred.device).view(k, 1) * c + labels) * c + pred
+            cm = torch.bincount(index.flatten(), minlength=k * c * c).view(k, c, c).double()
+            tp, support, predicted = cm.diagonal(dim1=1, dim2=2), cm.sum(2), cm.sum(1)
+            recall = tp / support.clamp_min(1)
+            f1 = 2 * tp / (support + predicted).clamp_min(1)  # = 2PR / (P + R); 0 where undefined, as sklearn
+            present = support > 0
             total = max(n, 1)
-            return (per.sum(1) / total).tolist(), ((logits.argmax(2) == labels).sum(1) / total).tolist()
+            return {"val_loss": (per.sum(1) / total).tolist(),
+                    "val_accuracy": ((pred == labels).sum(1) / total).tolist(), "val_macro_f1": f1.mean(1).tolist(),
+                    "val_balanced_accuracy": ((recall * present).sum(1) / present.sum(1).clamp_min(1)).tolist()}
 
         return distributed.decided_by_main(evaluate)
 
@@ -274,7 +297,7 @@ class _Loop:
                 break
             m.train(True)
             t0 = time.perf_counter()
-            perms = [torch.randperm(n, generator=g).to(device) for g in self.order_gens]
+            perms = [self._order(g) for g in self.order_gens]
             loss_sum = torch.zeros(k, device=device, dtype=torch.float64)  # summed over an epoch: fp64
             correct = torch.zeros(k, device=device, dtype=torch.long)
             seen = 0
@@ -284,7 +307,7 @@ class _Loop:
                 x, y, shared, size = self._batch(perms, step)
                 with autocast(device, self.amp):
                     logits = m.forward(x, shared)
-                loss, logged, weight = member_losses(logits, y, tc, size, self.world)
+                loss, logged, weight = member_losses(logits, y, tc, size, self.world, self.class_weight)
                 m.zero_grad()
                 (m.scaler.scale(loss) if m.scaler is not None else loss).backward()
                 m.step()
@@ -308,7 +331,7 @@ class _Loop:
             totals = distributed.sum_over_ranks(torch.cat([loss_sum, correct.double(),
                                                            loss_sum.new_tensor([seen], dtype=torch.float64)]))
             loss_sum, correct, seen = totals[:k], totals[k : 2 * k], totals[2 * k]
-            val_loss, val_acc = self._validate()
+            val = self._validate()
             lrs = [(m.lr(i), m.lrs(i)) for i in range(k)]  # what this epoch trained with
             m.scheduler_step()
             seconds = time.perf_counter() - t0
@@ -318,8 +341,9 @@ class _Loop:
                 if not self.active[i]:
                     continue
                 row = {"epoch": epoch, "train_loss": loss_sum[i] / seen, "train_accuracy": correct[i] / seen,
-                       "val_loss": val_loss[i] if val_loss else None,
-                       "val_accuracy": val_acc[i] if val_acc else None, "lr": lrs[i][0], "lrs": lrs[i][1]}
+                       "val_loss": None, "val_accuracy": None}
+                row.update({key: values[i] for key, values in (val or {}).items()})
+                row.update(lr=lrs[i][0], lrs=lrs[i][1])
                 m.sync(i)
                 stopper = self.stoppers[i]
                 row["best"] = stopper.update(epoch, row.get(stopper.monitor) if self.val else None, m.models[i])

@@ -250,24 +250,25 @@ def build_members(models: Sequence[nn.Module], cfgs: Sequence[RunConfig], device
     return Single(models[0], cfgs[0], device) if len(models) == 1 else Stacked(models, cfgs, device)
 
 
-def member_losses(logits: torch.Tensor, y: torch.Tensor, tc: TrainConfig, global_size: int, world: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def member_losses(logits: torch.Tensor, y: torch.Tensor, tc: TrainConfig, global_size: int, world: int,
+                  weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(scalar to backpropagate, per-member logged loss [K] or scalar, its weight): the sum of per-sample
     losses for the log is logged × weight. Members are independent, so backpropagating the sum of their
     mean losses gives each the gradient of its own. Under DDP (K = 1), which averages gradients over the
     ranks, each rank's sum is scaled by world / global batch size, so the averaged gradient is exactly the
-    gradient of the whole global batch's mean loss, also when the last batch does not split evenly."""
+    gradient of the whole global batch's mean loss, also when the last batch does not split evenly.
+    With class weights (`weight`) each image's loss is weighted and the mean is over the images."""
     from classlab.train.optim import loss_fn
 
     k, n, c = logits.shape
     if k == 1:
-        if world == 1:
+        if world == 1 and weight is None:
             loss = loss_fn(logits[0], y, tc)
             return loss, loss.detach(), n
-        total = loss_fn(logits[0], y, tc, reduction="sum")
+        total = loss_fn(logits[0], y, tc, reduction="sum", weight=weight)
         return total * (world / global_size), total.detach(), 1
-    per = loss_fn(logits.reshape(k * n, c), y.flatten(0, 1), tc, reduction="none").view(k, n)  # labels or soft
-    losses = per.mean(1)
+    per = loss_fn(logits.reshape(k * n, c), y.flatten(0, 1), tc, reduction="none", weight=weight).view(k, n)
+    losses = per.mean(1)  # labels or soft targets
     return losses.sum(), losses.detach(), n
 
 
