@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -89,6 +90,8 @@ def run(
     override: list[str] = typer.Option([], "-o", "--override", help="dotted override, e.g. train.epochs=3"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda (default: the study's train.device)"),
     restart: bool = typer.Option(False, "--restart", help="retrain runs from scratch, even finished ones"),
+    restart_run: list[str] = typer.Option([], "--restart-run", metavar="NAME",
+                                          help="retrain this run from scratch, the others as usual (repeatable)"),
     nproc: int = typer.Option(1, "--nproc", help="train each run data-parallel in N processes on this machine "
                               "(one per GPU; starts torchrun)"),
     shard: str | None = typer.Option(None, "--shard", help="I/N: train only the runs whose index mod N is I, "
@@ -101,7 +104,8 @@ def run(
     worker: bool = typer.Option(False, "--worker", hidden=True, help="one of --jobs' processes: train only"),
 ) -> None:
     """Train every run of a study, then print the comparison (and write the report)."""
-    from classlab.study import parse_shard, run_study
+    from classlab.plan import parse_shard
+    from classlab.study import run_study
 
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise ClasslabError(f"--device '{device}': choose auto, cpu or cuda")
@@ -109,14 +113,15 @@ def run(
     shard_at = parse_shard(shard) if shard is not None else None
     flags = [*(x for o in override for x in ("-o", o)), *([f"--device={device}"] if device else []),
              *([f"--shard={shard}"] if shard else []), *(["--steal-locks"] if steal_locks else [])]
+    restarts = [f"--restart-run={name}" for name in restart_run]  # not in the resume command: once is enough
     if nproc != 1:
         if jobs != 1:
             raise ClasslabError("--jobs and --nproc: choose one (--nproc splits each run, --jobs splits the study)")
-        raise typer.Exit(_torchrun(nproc, path, [*flags, *(["--restart"] if restart else [])]))
+        raise typer.Exit(_torchrun(nproc, path, [*flags, *(["--restart"] if restart else []), *restarts]))
     if jobs != 1:
         if shard is not None:
             raise ClasslabError("--jobs and --shard: choose one (--jobs shards the study on this machine itself)")
-        code = _run_jobs(jobs, path, flags, restart)
+        code = _run_jobs(jobs, path, [*flags, *restarts], restart)
         if code == 130:
             _interrupted(study, [*flags, f"--jobs={jobs}"])
         if code not in (0, 1):  # 1: some run failed, the rest are done; the final pass below lists them
@@ -126,11 +131,13 @@ def run(
     try:
         result = run_study(path, override, device=device, restart=restart and jobs == 1, console=console,
                            shard=shard_at, steal_locks=steal_locks, worker=worker, retry_failed=jobs == 1,
-                           restart_retrain=restart and jobs != 1)
+                           restart_retrain=restart and jobs != 1,
+                           restart_runs=frozenset(restart_run) if jobs == 1 else frozenset())
         if worker:
             raise typer.Exit(1 if result.failed else 0)
         if result.writer and result.summaries:
-            print_comparison(result.summaries, f"{result.study.name}: test set")
+            print_comparison(result.summaries, f"{result.study.name}: test set", folder=result.folder,
+                             reference=result.selected)
         if result.writer:
             _report_when_ready(result)
     except KeyboardInterrupt:
@@ -166,33 +173,64 @@ def _run_jobs(jobs: int, path: Path, flags: list[str], restart: bool) -> int:
     if jobs < 1:
         raise ClasslabError(f"--jobs {jobs}: give at least 1 process")
     _check_study(path, flags)
-    threads = str(max(1, torch.get_num_threads() // jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    console.print(f"{jobs} worker processes, {threads} thread(s) each", style="dim", markup=False, highlight=False)
+    gpus = torch.cuda.device_count()
+    threads = max(1, torch.get_num_threads() // jobs)
+    where = f", GPU i mod {gpus} for worker i" if gpus > 1 else ""
+    console.print(f"{jobs} worker processes, {threads} thread(s) each{where}", style="dim", markup=False,
+                  highlight=False)
     procs = [subprocess.Popen([sys.executable, "-m", "classlab.cli", "run", str(path), *flags, f"--shard={i}/{jobs}",
-                               "--worker", *(["--restart"] if restart else [])], env=env) for i in range(jobs)]
-    codes = [_wait(proc) for proc in procs]
+                               "--worker", *(["--restart"] if restart else [])], env=worker_env(i, threads, gpus))
+             for i in range(jobs)]
+    codes = [_wait(proc, procs) for proc in procs]
     return 130 if 130 in codes else max(codes)
+
+
+def worker_env(i: int, threads: int, gpus: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Worker i's environment: its share of the CPU threads, and with several GPUs its own one (i mod the
+    count, as CUDA_VISIBLE_DEVICES, so `cuda` means that GPU to it), instead of every worker on cuda:0."""
+    env = {**(os.environ if base is None else base), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if gpus > 1:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = [d.strip() for d in visible.split(",")] if visible else [str(g) for g in range(gpus)]
+        env["CUDA_VISIBLE_DEVICES"] = ids[i % len(ids)]
+    return env
 
 
 def _check_study(path: Path, flags: list[str]) -> None:
     """Load and expand the study before starting other processes: bad input is one line and exit code 2
     here, not once per process."""
     from classlab.config import load_study
-    from classlab.study import expand
+    from classlab.plan import expand
 
     overrides = [flags[i + 1] for i, f in enumerate(flags) if f == "-o"]
-    cfg, cli = load_study(path, overrides)
-    expand(cfg, cli, where=str(path))
+    expand(load_study(path, overrides), where=str(path))
 
 
-def _wait(proc: subprocess.Popen) -> int:
-    """The child's exit code. Ctrl-C reaches the children too (same process group): let them save and exit."""
+def _wait(proc: subprocess.Popen, procs: list[subprocess.Popen] = ()) -> int:  # type: ignore[assignment]
+    """The child's exit code. Ctrl-C reaches the children too (same process group): let them save and exit;
+    a SIGTERM reaches this process alone, so it is passed on to them."""
     while True:
         try:
             return proc.wait()
         except KeyboardInterrupt:
+            if _terminated:
+                for other in procs:
+                    if other.poll() is None:
+                        other.send_signal(signal.SIGTERM)
             continue
+
+
+_terminated = False  # a SIGTERM arrived (main's handler)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler's or `kill`'s stop) is Ctrl-C: every finished epoch is saved, one line, the resume
+    command, exit 130. Only the first raises: a second while saving would cut the save short."""
+    global _terminated
+    if _terminated:
+        return
+    _terminated = True
+    raise KeyboardInterrupt
 
 
 def _torchrun(nproc: int, path: Path, flags: list[str]) -> int:
@@ -218,7 +256,7 @@ def _report_when_ready(result: StudyResult) -> None:
     if result.busy:
         console.print(f"{len(result.busy)} run(s) were being trained by other processes ({', '.join(result.busy)}); "
                       f"when they are done: classlab report {result.folder}", markup=False, highlight=False)
-    _make_report(result.folder)
+    _make_report(result.folder, reference=result.selected)
 
 
 def _make_report(folder: Path, reference: str | None = None) -> None:
@@ -239,17 +277,18 @@ def summary(
     study: Path = typer.Argument(..., help="study YAML"),
     override: list[str] = typer.Option([], "-o", "--override"),
 ) -> None:
-    """Print each run's model table (layers, output shapes, parameters, trainable) without training."""
+    """Print each run's preprocessing (and where it came from) and model table (layers, output shapes,
+    parameters, trainable / frozen, parameter group, LR) without training."""
     import torch
 
     from classlab.config import load_study
     from classlab.data import load_dataset
     from classlab.models import build_model
     from classlab.models.summary import layer_table_text, model_table, parameter_count
-    from classlab.study import expand, preprocess_for
+    from classlab.plan import expand
+    from classlab.transforms import describe, preprocess_for
 
-    cfg, cli = load_study(study, override)
-    for planned in expand(cfg, cli, where=str(study)):
+    for planned in expand(load_study(study, override), where=str(study)):
         run_cfg = planned.config
         data = load_dataset(run_cfg.data)
         pre = preprocess_for(run_cfg, data)
@@ -257,8 +296,65 @@ def summary(
         model = build_model(run_cfg.model, len(data.classes), pre.input_shape)
         _, rows = model_table(model, pre.input_shape, run_cfg.train.lr_groups, run_cfg.train.lr)
         console.print(f"[bold]{run_cfg.name}[/]  {len(data.classes)} classes")
+        for line in describe(pre):
+            console.print(line, style="yellow" if line.startswith("warning") else None, highlight=False,
+                          markup=False, soft_wrap=True)
         console.print(layer_table_text(rows, parameter_count(model), pre.input_shape), highlight=False,
                       markup=False, soft_wrap=True)
+
+
+@app.command("lr-find")
+@interruptible
+def lr_find_cmd(
+    study: Path | None = typer.Argument(None, help="study YAML; none = the bundled demo"),
+    run_name: str | None = typer.Option(None, "--run", help="which run of the study (default: the first)"),
+    override: list[str] = typer.Option([], "-o", "--override", help="dotted override, e.g. train.batch_size=128"),
+    steps: int = typer.Option(200, "--steps", help="training steps in the sweep"),
+    start: float = typer.Option(1e-7, "--start", help="first learning rate"),
+    end: float = typer.Option(10.0, "--end", help="last learning rate"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda (default: the study's train.device)"),
+) -> None:
+    """Sweep the learning rate over a few hundred training steps and suggest one (the study file is not changed).
+    The plot and the sweep go into the run's folder and into the study's report."""
+    from classlab.config import load_study
+    from classlab.data import load_dataset
+    from classlab.lr_find import lr_find, plot_png
+    from classlab.plan import expand
+    from classlab.runs import RunFolder
+    from classlab.train.device import resolve_device
+
+    if steps < 10 or not 0 < start < end:
+        raise ClasslabError("lr-find: give --steps >= 10 and 0 < --start < --end")
+    path = study or demo_study()
+    cfg = load_study(path, override)
+    planned = expand(cfg, where=str(path))
+    names = [p.config.name for p in planned]
+    if run_name is not None and run_name not in names:
+        raise ClasslabError(f"lr-find --run '{run_name}': not a run of {path}; runs: {', '.join(names)}")
+    run_cfg = planned[names.index(run_name) if run_name else 0].config
+    dev = resolve_device(device or run_cfg.train.device)
+    result = lr_find(run_cfg, load_dataset(run_cfg.data), dev, steps=steps, start=start, end=end)
+    folder = RunFolder(Path(cfg.out_dir).expanduser() / str(cfg.name) / run_cfg.name)
+    folder.write_lr_find(result.to_dict(), plot_png(result))
+    console.print(f"{run_cfg.name}: {len(result.lrs)} steps from {start:g} to {result.lrs[-1]:.3g}; "
+                  f"plot: {folder.lr_find_plot_path}", markup=False, highlight=False)
+    console.print(f"suggested lr: {result.suggested:.3g} (steepest descent of the smoothed loss; the minimum / 10 "
+                  f"is {result.min_over_10:.3g}; the study has {run_cfg.train.lr:g})", markup=False, highlight=False)
+
+
+@app.command("models")
+def models_cmd(
+    pattern: str | None = typer.Argument(None, help="part of a name, or a pattern such as '*efficientnet*'"),
+    pretrained: bool = typer.Option(False, "--pretrained", help="only architectures with default weights"),
+) -> None:
+    """List the timm and torchvision architectures `model: {name: ...}` accepts (timm/<arch>, torchvision/<arch>)."""
+    from classlab.models.zoo import list_architectures
+
+    names = list_architectures(pattern, pretrained)
+    for name in names:
+        console.print(name, highlight=False, markup=False)
+    sys.stderr.write(f"{len(names)} architectures" + (" with default weights" if pretrained else "") +
+                     "; use as model: {name: <one of them>, pretrained: imagenet}\n")
 
 
 @app.command()
@@ -335,6 +431,22 @@ def predict(
         raise typer.Exit(code)
 
 
+@app.command()
+@interruptible
+def export(
+    run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/demo/original"),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript"),
+    out: Path | None = typer.Option(None, "-o", "--out", help="model file (default: RUN/export/model.onnx or .pt); "
+                                    "preprocessing.json and classes.txt are written beside it"),
+) -> None:
+    """The trained model with its preprocessing in the graph (uint8 images in, probabilities out)."""
+    from classlab.export import export_run
+
+    result = export_run(run_dir, out, fmt)
+    console.print(f"{result.format}: {result.path}\npreprocessing: {result.preprocessing}\nclasses: {result.classes}",
+                  markup=False, highlight=False)
+
+
 @app.command("config")
 def config_cmd(
     section: str | None = typer.Argument(None, help="only the keys under this dotted path, e.g. train or data.augment"),
@@ -357,29 +469,29 @@ def config_cmd(
 
 
 @app.command()
-@interruptible
-def export(
-    run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/demo/original"),
-    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript"),
-    out: Path | None = typer.Option(None, "-o", "--out", help="model file (default: RUN/export/model.onnx or .pt); "
-                                    "preprocessing.json and classes.txt are written beside it"),
-) -> None:
-    """The trained model with its preprocessing in the graph (uint8 images in, probabilities out)."""
-    from classlab.export import export_run
-
-    result = export_run(run_dir, out, fmt)
-    console.print(f"{result.format}: {result.path}\npreprocessing: {result.preprocessing}\nclasses: {result.classes}",
-                  markup=False, highlight=False)
-
-
-@app.command()
 def version() -> None:
     """Print the classlab version."""
     console.print(__version__)
 
 
+def _version_option(value: bool) -> None:
+    if value:
+        console.print(__version__, markup=False, highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version_option, is_eager=True,
+                                          help="print the classlab version and exit")) -> None:
+    """Image-classification studies from one YAML file."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr with their exit code, never a traceback."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app(args=argv, prog_name="classlab")
     except ClasslabError as e:

@@ -9,6 +9,7 @@
         metrics.jsonl        one line per finished epoch
         checkpoints/last.pt  full training state (resume); checkpoints/best.pt the best epoch's
         predictions.npz      test labels, predictions, probabilities, worst mistakes
+        temperature.json     the temperature fitted on the validation logits (eval.temperature_scaling)
         summary.json         written last: its presence is what marks the run complete
         failed.json          written instead when the run failed (non-finite loss, ...)
         tensorboard/         event files, when train.tensorboard is on
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import zipfile
 from pathlib import Path
@@ -68,7 +70,10 @@ BEST = "best.pt"
 PREDICTIONS = "predictions.npz"
 SUMMARY = "summary.json"
 FAILED = "failed.json"
+TEMPERATURE = "temperature.json"
 TENSORBOARD = "tensorboard"
+LR_FIND = "lr_find.json"
+LR_FIND_PLOT = "lr_find.png"
 
 # The checkpoint schema: what checkpoints/last.pt (and best.pt, a copy of the best epoch's) holds.
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "stopper", "rng", "history")
@@ -111,7 +116,9 @@ class RunFolder:
     predictions_path = property(lambda self: self.path / PREDICTIONS)
     summary_path = property(lambda self: self.path / SUMMARY)
     failed_path = property(lambda self: self.path / FAILED)
+    calibration_path = property(lambda self: self.path / TEMPERATURE)
     tensorboard_dir = property(lambda self: self.path / TENSORBOARD)
+    lr_find_plot_path = property(lambda self: self.path / LR_FIND_PLOT)
     lock_path = property(lambda self: self.path / LOCK_NAME)
 
     @property
@@ -212,6 +219,16 @@ class RunFolder:
         atomic_write_text(self.model_text_path, text if text.endswith("\n") else text + "\n")
         atomic_write_json(self.model_table_path, table)
 
+    def write_lr_find(self, result: dict, png: bytes) -> None:
+        """`classlab lr-find`'s sweep and its plot (before or beside a run's training; never the config)."""
+        atomic_write_json(self.path / LR_FIND, result)
+        atomic_write_bytes(self.lr_find_plot_path, png)
+
+    def read_lr_find(self) -> tuple[dict | None, bytes | None]:
+        """The LR finder's sweep and plot, when `classlab lr-find` wrote them for this run."""
+        plot = self.lr_find_plot_path
+        return self._optional_json(self.path / LR_FIND), plot.read_bytes() if plot.is_file() else None
+
     def read_model_summary(self) -> tuple[str | None, dict | None]:
         try:
             text = self.model_text_path.read_text(encoding="utf-8")
@@ -271,7 +288,7 @@ class RunFolder:
 
     def read_last(self) -> dict:
         """checkpoints/last.pt, the full training state to resume from (loaded with weights_only=True)."""
-        hint = "; run with --restart to start this run over"
+        hint = f"; start this run over with: classlab run STUDY --restart-run {shlex.quote(self.path.name)}"
         try:
             state = safe_torch_load(self.last_path)
         except ClasslabError as e:
@@ -317,6 +334,24 @@ class RunFolder:
                 return {k: npz[k] for k in npz.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None
+
+    def write_calibration(self, calibration: dict) -> None:
+        """temperature.json: {"temperature": T, ...how it was fitted}; written before summary.json."""
+        temperature = calibration.get("temperature")
+        if not isinstance(temperature, float | int) or not temperature > 0:
+            raise ClasslabError(f"{self.calibration_path}: a temperature must be a number > 0, not {temperature!r}")
+        atomic_write_json(self.calibration_path, calibration)
+
+    def read_calibration(self) -> dict | None:
+        """temperature.json, or None when the run fitted no temperature; an unreadable one is an error (a run
+        that was calibrated must not silently predict uncalibrated)."""
+        if not self.calibration_path.is_file():
+            return None
+        doc = self._read_json(TEMPERATURE)
+        t = doc.get("temperature") if isinstance(doc, dict) else None
+        if not isinstance(t, float | int) or isinstance(t, bool) or not t > 0:
+            raise ClasslabError(f"{self.calibration_path}: no positive 'temperature'")
+        return doc
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.summary_path, {"classlab_version": __version__, "format": RUN_FORMAT_VERSION,

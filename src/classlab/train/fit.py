@@ -63,6 +63,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     resume: Sequence[dict | None] | None = None,
     progress: Callable[[str], Any] | None = None,
+    step_hook: Callable[[float], float | None] | None = None,
 ) -> list[FitResult]:
     """Train `models[k]` with `cfgs[k]` on data.train, validating on data.val each epoch.
 
@@ -71,15 +72,17 @@ def fit(
     `plan.can_stack` allows it and they resume from the same epoch; otherwise one after another, each
     through this same loop. `resume[k]` is a state as the callbacks get it: training continues after its
     epoch, bit-for-bit on CPU. On return each model holds its kept weights (the best epoch's with early
-    stopping, else the last). `progress(name)` returns an EpochProgress-like object.
+    stopping, else the last). `progress(name)` returns an EpochProgress-like object. `step_hook(loss)` (one
+    run only; the LR finder) gets each step's mean training loss and returns the next step's learning rate,
+    or None to stop training there.
 
     Under torch.distributed every rank calls `fit` with the same arguments (one member): `train.batch_size`
     is the global batch, each rank trains on its shard through DDP, the logged train metrics are
     all-reduced, rank 0 evaluates validation and broadcasts it (so all ranks take the same early-stopping
     decision), and only rank 0 should pass callbacks.
     """
-    if len(models) != len(cfgs):
-        raise ValueError("fit: one config per model")
+    if len(models) != len(cfgs) or (step_hook is not None and len(models) != 1):
+        raise ValueError("fit: one config per model (and one model with a step_hook)")
     resume = list(resume) if resume is not None else [None] * len(models)
     epochs = {None if r is None else int(r["epoch"]) for r in resume}
     if len(models) > 1 and (len(epochs) > 1 or not can_stack(cfgs, device.type) or distributed.is_distributed()):
@@ -92,6 +95,7 @@ def fit(
     members = build_members([models[i] for i in order], [cfgs[i] for i in order], device)
     hooks = [lambda pos, row, st, cb=cb: cb(order[pos], row, st) for cb in callbacks]
     loop = _Loop(members, data, pre, device, hooks)
+    loop.step_hook = step_hook
     if any(r is not None for r in resume):
         loop.load([resume[i] for i in order])
     members.start()
@@ -201,6 +205,7 @@ class _Loop:
         self.stopped_early = [False] * self.k
         self.failed: list[str | None] = [None] * self.k
         self.start_epoch = 1
+        self.step_hook: Callable[[float], float | None] | None = None
 
     def load(self, states: Sequence[dict]) -> None:
         """Resume every member from its state (all at the same epoch)."""
@@ -316,6 +321,12 @@ class _Loop:
                 labels = y.argmax(-1) if mixes else y
                 correct += (logits.detach().argmax(-1) == labels).sum(-1)
                 seen += labels.shape[-1]
+                if self.step_hook is not None:  # the LR finder: a host read per step, which it needs anyway
+                    next_lr = self.step_hook(float(logged) * weight / labels.shape[-1])
+                    if next_lr is None:
+                        self.active = [False] * k
+                        break
+                    m.set_lr(next_lr)
                 if (step + 1) % check_every == 0 or step + 1 == steps:
                     self._check_finite(loss_sum, epoch, step + 1, steps)
                     if not any(self.active):
@@ -364,6 +375,11 @@ class _Loop:
                     self.active[i] = False
             if progress is not None and done:
                 progress.end_epoch(done[0][1] if k == 1 else _mean_row([row for _, row, _ in done], epoch))
+                for i, _, _ in done:
+                    if self.stopped_early[i] and hasattr(progress, "note"):
+                        stop = self.stoppers[i]
+                        progress.note(f"{self.cfgs[i].name}: early stopping: no {stop.monitor} improvement for "
+                                      f"{stop.bad_epochs} epochs; keeping epoch {stop.best_epoch}")
             for i, row, state in done:
                 for callback in self.callbacks:
                     callback(i, row, state)

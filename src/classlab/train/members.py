@@ -115,6 +115,13 @@ class Single:
     def lr(self, k: int) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def set_lr(self, lr: float) -> None:
+        """Every group's learning rate to `lr` × its configured ratio to train.lr (the LR finder's sweep)."""
+        base = self.cfgs[0].train.lr
+        for group in self.optimizer.param_groups:
+            group.setdefault("classlab_ratio", group["lr"] / base)
+            group["lr"] = lr * group["classlab_ratio"]
+
     def lrs(self, k: int) -> dict[str, float]:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
 

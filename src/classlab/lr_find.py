@@ -1,0 +1,123 @@
+"""The learning-rate range test (Smith, 2015; fastai's lr_find): train a fresh model for a few hundred
+steps while the learning rate grows exponentially, through the one training step of train/fit.py, and
+read a good learning rate off the loss curve. It never changes the study file.
+
+Suggestion rule (documented in the plot and printed): the loss is smoothed with a bias-corrected
+exponential moving average (β = 0.98); the suggested learning rate is where the smoothed loss falls
+fastest against log(lr) (the steepest descent), before its minimum; the value one decade below the
+minimum's learning rate is given beside it (the other common rule). The sweep stops early once the
+smoothed loss exceeds 4× its minimum (diverged) or turns non-finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from classlab.config import RunConfig
+from classlab.data import ImageData
+from classlab.models import build_model
+from classlab.train.fit import fit
+from classlab.transforms import preprocess_for
+
+SMOOTHING = 0.98
+DIVERGED = 4.0
+
+
+@dataclass
+class LrFindResult:
+    run: str
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggested: float  # steepest descent of the smoothed loss
+    min_over_10: float  # one decade below the smoothed minimum's learning rate
+    configured: float  # train.lr in the study, for comparison
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
+    avg, out = 0.0, []
+    for i, loss in enumerate(losses, start=1):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
+    """(steepest descent of the smoothed loss before its minimum, the minimum's lr / 10)."""
+    low = int(np.argmin(smoothed))
+    slope = np.gradient(np.asarray(smoothed), np.log10(np.asarray(lrs)))
+    skip = max(1, len(lrs) // 10)  # the first steps' average is mostly its warm-up
+    window = slope[skip : max(low, skip + 1)]
+    steepest = skip + int(np.argmin(window)) if len(window) else low
+    return float(lrs[steepest]), float(lrs[low] / 10)
+
+
+def lr_find(cfg: RunConfig, data: ImageData, device: torch.device, steps: int = 200, start: float = 1e-7,
+            end: float = 10.0) -> LrFindResult:
+    """Sweep the learning rate from `start` to `end` over `steps` training steps of `cfg`'s model."""
+    n = len(data.train)
+    epochs = math.ceil(steps * cfg.train.batch_size / n) + 1
+    raw = cfg.model_dump(mode="json")
+    raw["train"].update(lr=start, epochs=epochs, early_stopping=None, scheduler={"name": "none"})
+    sweep = RunConfig.model_validate(raw)
+    no_val = ImageData(train=data.train, val=None, test=data.test, classes=data.classes, mean=data.mean,
+                       std=data.std, source=data.source, skipped=data.skipped)
+    pre = preprocess_for(sweep, data)
+    torch.manual_seed(sweep.seed)
+    model = build_model(sweep.model, len(data.classes), pre.input_shape).to(device)
+    factor = (end / start) ** (1 / max(steps - 1, 1))
+    lrs: list[float] = [start]
+    losses: list[float] = []
+
+    def hook(loss: float) -> float | None:
+        losses.append(loss)
+        smoothed = smooth(losses)
+        if len(losses) >= steps or not math.isfinite(loss) or smoothed[-1] > DIVERGED * min(smoothed):
+            return None
+        lrs.append(lrs[-1] * factor)
+        return lrs[-1]
+
+    fit([model], no_val, [sweep], pre, device, step_hook=hook)
+    count = len(losses) if math.isfinite(losses[-1]) else len(losses) - 1
+    lrs, losses = lrs[:count], losses[:count]
+    smoothed = smooth(losses)
+    suggested, min_over_10 = suggest(lrs, smoothed)
+    return LrFindResult(cfg.name, lrs, losses, smoothed, suggested, min_over_10, cfg.train.lr)
+
+
+def plot_png(result: LrFindResult) -> bytes:
+    """Loss against learning rate (log scale), raw and smoothed, with both suggestions marked."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    ax.plot(result.lrs, result.losses, color="#bbbbbb", linewidth=0.8, label="loss per step")
+    ax.plot(result.lrs, result.smoothed, color="#1f77b4", linewidth=1.6, label=f"smoothed (EMA β={SMOOTHING})")
+    ax.axvline(result.suggested, color="#d62728", linestyle="--",
+               label=f"steepest descent: {result.suggested:.2g}")
+    ax.axvline(result.min_over_10, color="#2ca02c", linestyle=":", label=f"minimum / 10: {result.min_over_10:.2g}")
+    ax.axvline(result.configured, color="#7f7f7f", linestyle="-.", linewidth=0.8,
+               label=f"train.lr in the study: {result.configured:.2g}")
+    ax.set_xscale("log")
+    top = min(max(result.smoothed[: max(len(result.smoothed) // 10, 1)]) * 1.5, max(result.losses))
+    ax.set_ylim(min(result.smoothed) * 0.9, top)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"LR finder: {result.run}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
