@@ -54,14 +54,14 @@ def runs(tmp_path_factory) -> Path:
 
 
 @functools.cache
-def test_images(run: Path) -> np.ndarray:
+def run_test_images(run: Path) -> np.ndarray:
     """The run's own test images (uint8 N×C×H×W), as its test evaluation saw them."""
     return load_dataset(load_run(run, "cpu").config.data).test.images.numpy()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_onnx_probabilities_equal_classlab(runs, tmp_path, kind):
-    images = test_images(runs / kind)
+    images = run_test_images(runs / kind)
     result = export_run(runs / kind, tmp_path / "model.onnx")
     expected = predict_images(load_run(runs / kind, "cpu"), images)
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
@@ -79,7 +79,7 @@ def test_onnx_probabilities_equal_classlab(runs, tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["cnn", "resnet"])
 def test_torchscript_probabilities_equal_classlab(runs, tmp_path, kind):
-    images = test_images(runs / kind)[:40]
+    images = run_test_images(runs / kind)[:40]
     result = export_run(runs / kind, tmp_path / "model.pt", "torchscript")
     expected = predict_images(load_run(runs / kind, "cpu"), images)
     model = torch.jit.load(str(result.path))

@@ -14,7 +14,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from classlab.config import RunConfig, validate
+from classlab.config import RunConfig, load_study, validate
+from classlab.plan import expand
 from classlab.runs import RunFolder
 from classlab.study import run_study
 from classlab.tracking import PARENT, epoch_metrics, params_of, summary_metrics
@@ -67,7 +68,7 @@ def tracked(tmp_path_factory) -> dict:
     client, runs = _runs(uri, "tracked")
     second = run_study(path, device="cpu", console=Console(file=io.StringIO()))  # finished runs are skipped
     _, again = _runs(uri, "tracked")
-    return {"root": root, "data": data, "uri": uri, "first": first, "second": second, "client": client,
+    return {"root": root, "path": path, "data": data, "uri": uri, "first": first, "second": second, "client": client,
             "runs": runs, "again": again, "folder": root / "runs" / "tracked"}
 
 
@@ -79,14 +80,13 @@ def test_one_mlflow_run_per_classlab_run_under_the_study(tracked):
     runs = tracked["runs"]
     (parent,) = [r for r in runs if PARENT not in r.data.tags]
     children = _children(runs)
-    assert sorted(r.info.run_name for r in children) == sorted(
-        ["0.05-seed0", "0.05-seed1", "1000000.0-seed0", "1000000.0-seed1"])
+    planned = {p.config.name: p.config for p in expand(load_study(tracked["path"]))}
+    assert len(planned) == 4 and sorted(r.info.run_name for r in children) == sorted(planned)
     assert all(r.data.tags[PARENT] == parent.info.run_id for r in children)
     assert parent.info.run_name == "tracked" and parent.info.status == "FAILED"  # two runs failed
     status = {r.info.run_name: r.info.status for r in children}
-    assert status == {"0.05-seed0": "FINISHED", "0.05-seed1": "FINISHED", "1000000.0-seed0": "FAILED",
-                      "1000000.0-seed1": "FAILED"}
-    assert sorted(tracked["first"].failed) == ["1000000.0-seed0", "1000000.0-seed1"]
+    assert status == {name: "FAILED" if cfg.train.lr == BAD else "FINISHED" for name, cfg in planned.items()}
+    assert sorted(tracked["first"].failed) == sorted(n for n, cfg in planned.items() if cfg.train.lr == BAD)
 
 
 def test_params_are_the_resolved_config_and_tags_name_seed_and_cell(tracked):
@@ -155,9 +155,10 @@ def test_runs_trained_without_tracking_are_logged_whole_later(tracked, tmp_path)
     run_study(path, device="cpu", console=Console(file=io.StringIO()))
     client, runs = _runs(uri, "later-exp")
     (child,) = _children(runs)
-    assert child.info.status == "FINISHED" and child.info.run_name == "0.05"
+    (name,) = [p.config.name for p in expand(load_study(path))]
+    assert child.info.status == "FINISHED" and child.info.run_name == name
     assert len(client.get_metric_history(child.info.run_id, "train_loss")) == EPOCHS
-    summary = RunFolder(tmp_path / "runs" / "later" / "0.05").read_summary()
+    summary = RunFolder(tmp_path / "runs" / "later" / name).read_summary()
     assert child.data.metrics["test.accuracy"] == summary["test"]["accuracy"]
 
 

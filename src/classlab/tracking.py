@@ -18,6 +18,7 @@ error warns once and training goes on; mlflow itself is an optional dependency (
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -27,6 +28,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,24 @@ def confusion_csv(classes: list[str], matrix: list[list[int]]) -> str:
     return buf.getvalue()
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """One process at a time opens a store on this machine: the processes of `--jobs` start together, and two
+    of them creating a new sqlite store at once corrupt its schema migration (and may both make a parent run)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path = Path(tempfile.gettempdir()) / f"classlab-mlflow-{hashlib.sha1(uri.encode()).hexdigest()[:16]}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _key(path: Path) -> str:
     return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:20]
 
@@ -133,15 +153,17 @@ class StudyTracker:
         self.grid = list(study.grid or {})
         self.live: dict[str, str] = {}  # run folder -> MLflow run id, runs this process is training
         self.warned = False
+        uri = self.cfg.uri or mlflow.get_tracking_uri()
         try:
-            self.client = mlflow.MlflowClient(tracking_uri=self.cfg.uri)
-            self.experiment_id = self._experiment()
-            self.parent_id = self._parent()
+            with _store_lock(uri), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # alembic's, while a new sqlite store gets its tables
+                self.client = mlflow.MlflowClient(tracking_uri=uri)
+                self.experiment_id = self._experiment()
+                self.parent_id = self._parent()
         except ClasslabError:
             raise
         except Exception as e:
-            where = self.cfg.uri or "MLflow's default tracking URI"
-            raise ClasslabError(f"track.mlflow: cannot use {where}: {type(e).__name__}: {one_line(e)[:200]}") from None
+            raise ClasslabError(f"track.mlflow: cannot use {uri}: {type(e).__name__}: {one_line(e)[:200]}") from None
 
     # ------------------------------------------------------------------------- the experiment and the study's run
 
@@ -320,21 +342,21 @@ class StudyTracker:
                     self._finish(run_id, folder)
                 elif old[-1].info.status == "RUNNING" and not folder.lock_path.exists():
                     self._finish(old[-1].info.run_id, folder)  # finished by a process that did not track
-            if waiting:
-                return
-            if report:
-                self._log_report()
-            self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
 
         self._guard(finish)
+        if waiting:
+            return
+        if report:
+            self._guard(self._log_report)
+        self._guard(lambda: self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED"))
 
     def _log_report(self) -> None:
         from classlab.report import make_report
 
         try:
             html, md = make_report(self.folder)
-        except ClasslabError as e:
-            self._warn(f"report not logged to MLflow: {one_line(e)}")
+        except Exception as e:  # the report is a bonus here: `classlab report` can always re-make it
+            self._warn(f"report not logged to MLflow: {type(e).__name__}: {one_line(e)[:200]}")
             return
         self.client.log_artifact(self.parent_id, str(html), "report")
         self.client.log_artifact(self.parent_id, str(md), "report")
