@@ -45,6 +45,8 @@ class Registry(Generic[T]):
         return f"unknown {self.kind} '{name}'{suggest(str(name), self._names)}; choose one of: {', '.join(self._names)}"
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> T:
+        if name not in self._items and "/" in name:  # a family of names (timm/<arch>): one builder for all
+            name = name.split("/", 1)[0] + "/<arch>"
         if name not in self._items:
             raise ClasslabError(self.unknown(name))
         return self._items[name](*args, **kwargs)
@@ -58,5 +60,6 @@ class Registry(Generic[T]):
 
 DATASETS: Registry[Any] = Registry("dataset", ("fashion-mnist", "mnist", "idx", "demo", "image-folder", "fer2013"))
 PRESETS = ("study_a_cnn", "study_b_cnn", "study_c_cnn", "study_d_mlp", "study_e_cnn")
-MODELS: Registry[Any] = Registry("model", ("mlp", "cnn", "resnet18", *PRESETS))
+ZOO_FAMILIES = ("timm", "torchvision")  # model: {name: timm/<arch>} or torchvision/<arch>: any of their architectures
+MODELS: Registry[Any] = Registry("model", ("mlp", "cnn", "resnet18", *PRESETS, *(f"{f}/<arch>" for f in ZOO_FAMILIES)))
 ACTIVATIONS: Registry[Any] = Registry("activation", ("relu", "leaky_relu", "tanh", "gelu", "sigmoid", "elu", "silu"))

@@ -30,6 +30,7 @@ from classlab.train.device import resolve_device
 from classlab.train.fit import FitResult, fit
 from classlab.train.progress import EpochProgress
 from classlab.transforms import BatchTransform, Preprocess, preprocess_for
+from classlab.transforms import describe as describe_preprocess
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def _write_run_files(folder: RunFolder, cfg: RunConfig, data: ImageData, model: 
                                {"rows": rows, "parameters": params})
     lines = [f"data: {data.source}", f"train {len(data.train)}, val {len(data.val) if data.val else 0}, "
              f"test {len(data.test)} images, classes {data.classes}", distributed.describe()]
+    lines += describe_preprocess(pre)  # what the model sees, where each value came from, mismatch warnings
     folder.write_run_log(lines + [f"skipped unreadable file: {s}" for s in data.skipped])
 
 

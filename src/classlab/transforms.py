@@ -34,13 +34,19 @@ class Preprocess:
     source_shape: tuple[int, int, int] | None = None  # C×H×W of the stored uint8 images (None: = input_shape)
     to_rgb: bool = False
     resize: tuple[int, int] | None = None
+    interpolation: str = "bilinear"  # of the resize: the pretrained weights' own (timm / torchvision), else bilinear
+    origin: tuple[tuple[str, str], ...] = ()  # where input size, mean / std, interpolation came from
+    warnings: tuple[str, ...] = ()  # preprocessing that usually means a mistake (logged in run.log, summary)
 
     @property
     def stored_shape(self) -> tuple[int, int, int]:
         return self.source_shape or self.input_shape
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["origin"] = dict(self.origin)
+        d["warnings"] = list(self.warnings)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
@@ -51,27 +57,91 @@ class Preprocess:
             input_shape=tuple(d["input_shape"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
             classes=tuple(d["classes"]), permutation=tuple(perm) if perm is not None else None,
             source_shape=tuple(source) if source else None, to_rgb=bool(d.get("to_rgb", False)),
-            resize=tuple(resize) if resize else None,
+            resize=tuple(resize) if resize else None, interpolation=str(d.get("interpolation", "bilinear")),
+            origin=tuple((str(k), str(v)) for k, v in dict(d.get("origin") or {}).items()),
+            warnings=tuple(str(w) for w in d.get("warnings") or ()),
         )
 
 
 def preprocess_for(cfg: RunConfig, data) -> Preprocess:
     """What evaluation (and prediction) applies, from the stored uint8 shape to the model's input:
-    `data.to_rgb` copies gray to 3 channels, and a one-value mean / std is repeated for every channel."""
+    `data.to_rgb` (or a model that takes 3 channels) copies gray to 3 channels, and a one-value mean / std
+    is repeated for every channel. With pretrained timm / torchvision weights, the input size, mean / std
+    and interpolation are the weights' own unless `data.resize` / `data.normalize` set them."""
     c, h, w = data.image_shape
     perm = None
     if cfg.data.permute_pixels is not None:
         perm = tuple(pixel_permutation(cfg.data.permute_pixels.seed, h * w).tolist())
-    out_c = 3 if cfg.data.to_rgb and c == 1 else c
-    out_h, out_w = cfg.data.resize or (h, w)
+    weights, model_c = None, None
+    if "/" in cfg.model.name:  # timm/<arch>, torchvision/<arch>
+        from classlab.models.zoo import expected_channels, weights_preprocessing
+
+        weights = weights_preprocessing(cfg.model)
+        model_c = 3 if weights is None and cfg.data.to_rgb else expected_channels(cfg.model, c)
+    out_c = model_c or (3 if cfg.data.to_rgb and c == 1 else c)
+    if out_c != c and not (c == 1 and out_c == 3):
+        raise ClasslabError(f"the model takes {out_c}-channel input but the images have {c} channel(s)")
+    origin = {}
+    if cfg.data.resize:
+        (out_h, out_w), origin["input_size"] = cfg.data.resize, "data.resize"
+    elif weights is not None:
+        (out_h, out_w), origin["input_size"] = weights.size, weights.source
+    else:
+        (out_h, out_w), origin["input_size"] = (h, w), "the images"
     mean, std = tuple(data.mean), tuple(data.std)
+    if cfg.data.normalize is not None:
+        origin["mean_std"] = "data.normalize"
+    elif weights is not None:
+        mean, std = weights.mean, weights.std
+        origin["mean_std"] = weights.source
+    else:
+        origin["mean_std"] = "the dataset (its known statistics, else measured on the training split)"
     if len(mean) == 1 and out_c > 1:
         mean, std = mean * out_c, std * out_c
     if len(mean) != out_c:
         raise ClasslabError(f"data.normalize has {len(mean)} values but the model input has {out_c} channel(s)")
+    interpolation = weights.interpolation if weights is not None else "bilinear"
+    origin["interpolation"] = weights.source if weights is not None else "default (bilinear)"
+    if out_c != c:
+        origin["channels"] = f"gray copied to {out_c} channels" + (" (data.to_rgb)" if model_c is None else
+                                                                   " (what the model takes)")
+    warnings = []
+    if weights is not None:
+        wh, ww = weights.size
+        if min(out_h / wh, out_w / ww) < 0.5:
+            warnings.append(f"input {out_h}x{out_w} is under half the {wh}x{ww} the pretrained weights were "
+                            f"trained at ({weights.source}); pretrained features degrade on small inputs "
+                            "(set data.resize, or remove it to use the weights' size)")
+        if cfg.data.normalize is not None and not _close(mean, weights.mean, std, weights.std):
+            warnings.append(f"data.normalize (mean {_fmt(mean)}, std {_fmt(std)}) differs from the pretrained "
+                            f"weights' (mean {_fmt(weights.mean)}, std {_fmt(weights.std)}, {weights.source}); "
+                            "remove data.normalize to use the weights' own")
+    resize = (out_h, out_w) if cfg.data.resize or (out_h, out_w) != (h, w) else None
     return Preprocess(input_shape=(out_c, out_h, out_w), mean=mean, std=std, classes=tuple(data.classes),
-                      permutation=perm, source_shape=(c, h, w), to_rgb=cfg.data.to_rgb and c == 1,
-                      resize=tuple(cfg.data.resize) if cfg.data.resize else None)
+                      permutation=perm, source_shape=(c, h, w), to_rgb=out_c == 3 and c == 1,
+                      resize=tuple(resize) if resize else None, interpolation=interpolation,
+                      origin=tuple(origin.items()), warnings=tuple(warnings))
+
+
+def _close(mean, w_mean, std, w_std) -> bool:
+    return len(mean) == len(w_mean) and all(abs(a - b) < 1e-3 for a, b in zip((*mean, *std), (*w_mean, *w_std),
+                                                                              strict=True))
+
+
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
+
+
+def describe(pre: Preprocess) -> list[str]:
+    """The preprocessing in a few lines (run.log, `classlab summary`): what, where from, and warnings."""
+    c, h, w = pre.input_shape
+    sc, sh, sw = pre.stored_shape
+    resize = f", resized {pre.interpolation} from {sh}x{sw}" if pre.resize and (sh, sw) != (h, w) else ""
+    gray = f", gray copied to {c} channels" if pre.to_rgb else ""
+    lines = [f"preprocessing: input {c}x{h}x{w}{resize}{gray}, mean {_fmt(pre.mean)}, std {_fmt(pre.std)}"]
+    lines += [f"  {key} from {where}" for key, where in pre.origin]
+    lines += [f"warning: {text}" for text in pre.warnings]
+    return lines
 
 
 def random_hflip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -446,6 +516,10 @@ class BatchTransform:
         self.mixes = aug is not None and (aug.mixup > 0 or aug.cutmix > 0)  # fit calls `mix` with the labels
         self.unit = self.jitter or self.policy is not None  # colour jitter and the policies work on [0, 1]
         self.resize = pre.resize is not None and tuple(pre.stored_shape[-2:]) != tuple(pre.resize)
+        self.mode = pre.interpolation if pre.interpolation in ("nearest", "bilinear", "bicubic") else "bilinear"
+        # antialias only when shrinking (when enlarging it changes nothing but the time)
+        self.antialias = self.resize and self.mode != "nearest" and any(
+            o < i for o, i in zip(pre.resize, pre.stored_shape[-2:], strict=True))
         self.normalize_first = not (self.rotate or self.unit or self.resize)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -467,12 +541,13 @@ class BatchTransform:
         if self.perm is not None:
             n, c, h, w = x.shape
             x = x.reshape(n, c, h * w)[:, :, self.perm].reshape(n, c, h, w)
+        if self.normalize_first:
+            return self._erase(x.expand(-1, 3, -1, -1) if self.pre.to_rgb and x.shape[1] == 1 else x)
+        if self.resize and tuple(x.shape[-2:]) != tuple(self.pre.resize):  # gray still 1 channel: 3x less work
+            x = F.interpolate(x, size=tuple(self.pre.resize), mode=self.mode,
+                              align_corners=None if self.mode == "nearest" else False, antialias=self.antialias)
         if self.pre.to_rgb and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if self.normalize_first:
-            return self._erase(x)
-        if self.resize and tuple(x.shape[-2:]) != tuple(self.pre.resize):
-            x = F.interpolate(x, size=tuple(self.pre.resize), mode="bilinear", align_corners=False, antialias=True)
         if self.jitter:
             x = color_jitter(x.contiguous(), aug.color_jitter, self.generator)
         return self._erase(self._affine(x, unit=self.unit))
@@ -503,7 +578,6 @@ class BatchTransform:
         batch and [N, classes] class-probability targets."""
         aug = self.augment
         return mix_batch(x, y, len(self.pre.classes), aug.mixup, aug.cutmix, self.generator)
-
 
     def _affine(self, x: torch.Tensor, unit: bool) -> torch.Tensor:
         """shift + scale · x per channel, x in [0, 1] (`unit`) or 0..255; a 1-channel x broadcasts to the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from classlab.config import CNNConfig, MLPConfig, PresetConfig, ResNetConfig
+from classlab.config import CNNConfig, MLPConfig, PresetConfig, ResNetConfig, ZooConfig
 from classlab.models.cnn import CNN
 from classlab.models.mlp import MLP
 from classlab.models.presets import CNN_PRESETS
@@ -37,6 +37,18 @@ def _resnet18(cfg: ResNetConfig, num_classes: int, in_shape: tuple[int, int, int
     return build_resnet18(cfg, num_classes, in_shape)
 
 
+def _register_zoo(family: str) -> None:
+    @MODELS.register(f"{family}/<arch>")
+    def _build(cfg: ZooConfig, num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module:
+        from classlab.models.zoo import build_zoo  # timm / torchvision only when one is asked for
+
+        return build_zoo(cfg, num_classes, in_shape)
+
+
+for _family in ("timm", "torchvision"):
+    _register_zoo(_family)
+
+
 def _register_cnn_preset(name: str) -> None:
     @MODELS.register(name)
     def _build(cfg: PresetConfig, num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module:
@@ -47,7 +59,6 @@ for _name in CNN_PRESETS:
     _register_cnn_preset(_name)
 
 
-def build_model(
-    cfg: MLPConfig | CNNConfig | PresetConfig | ResNetConfig, num_classes: int, in_shape: tuple[int, int, int]
-) -> nn.Module:
+def build_model(cfg: MLPConfig | CNNConfig | PresetConfig | ResNetConfig | ZooConfig, num_classes: int,
+                in_shape: tuple[int, int, int]) -> nn.Module:
     return MODELS.create(cfg.name, cfg, num_classes, in_shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torchinfo
 from torch import nn
 
-from classlab.models.freeze import ALIASES
+from classlab.models.freeze import parameter_assignment
 
 
 def _dotted_name(layer) -> str:
@@ -19,20 +19,23 @@ def _dotted_name(layer) -> str:
 def model_table(model: nn.Module, input_shape: tuple[int, int, int],
                 lr_groups: dict[str, float] | None = None, default_lr: float | None = None) -> tuple[str, list[dict]]:
     """torchinfo's text table and one row per layer (dotted name, output shape, own parameters,
-    trainable count, LR group); runs one forward pass."""
+    trainable count, parameter group and its learning rate, as models.freeze resolves them for the
+    optimizer); runs one forward pass."""
     device = next(model.parameters()).device
     stats = torchinfo.summary(
         model, input_size=(2, *input_shape), col_names=("output_size", "num_params", "trainable"),
         depth=4, verbose=0, device=device, mode="eval",
     )
-    groups = {ALIASES.get(k, k): v for k, v in (lr_groups or {}).items()}
+    assigned = parameter_assignment(model, dict(lr_groups) if lr_groups else None, default_lr)
     rows = []
     for layer in stats.summary_list:
         own = list(layer.module.parameters(recurse=False))
         name = _dotted_name(layer)
-        block = name.split(".")[0]
         trainable = int(sum(p.numel() for p in own if p.requires_grad))
-        lr = groups.get(block, default_lr if not groups else None)
+        mine = {assigned[id(p)] for p in (own or list(layer.module.parameters())) if id(p) in assigned}
+        group = next(iter(mine))[0] if len({g for g, _ in mine}) == 1 else None
+        lrs = {lr for _, lr in mine if lr is not None}
+        lr = next(iter(lrs)) if len(lrs) == 1 and (trainable or not own) else None  # a container: its group's
         rows.append({
             "layer": name,
             "type": type(layer.module).__name__,
@@ -40,10 +43,25 @@ def model_table(model: nn.Module, input_shape: tuple[int, int, int],
             "output_shape": list(layer.output_size) if layer.output_size else [],
             "params": int(sum(p.numel() for p in own)),
             "trainable": trainable,
-            "lr_group": block if block in groups else None,
-            "lr": lr if trainable else None,
+            "lr_group": group,
+            "lr": lr,
         })
     return str(stats), rows
+
+
+def with_child_totals(rows: list[dict]) -> list[dict]:
+    """Rows as tables show them: a layer that holds others (a block, a Sequential) counts the parameters
+    of everything inside it, its own included, instead of the 0 it holds itself. `rows` are model_table's
+    (depth-first, each with its own parameters only); a copy is returned."""
+    out = [dict(r) for r in rows]
+    for i, row in enumerate(rows):
+        end = i + 1
+        while end < len(rows) and rows[end].get("depth", 0) > row.get("depth", 0):
+            end += 1
+        if end > i + 1:
+            for key in ("params", "trainable"):
+                out[i][key] = int(sum(r.get(key, 0) for r in rows[i:end]))
+    return out
 
 
 def parameter_count(model: nn.Module) -> dict[str, int]:
@@ -55,9 +73,9 @@ def parameter_count(model: nn.Module) -> dict[str, int]:
 def layer_table_text(rows: list[dict], params: dict[str, int], input_shape: tuple[int, int, int]) -> str:
     """The table `classlab summary` prints and the run folder keeps: one line per layer, indented by
     depth, with its own parameters split into trainable / frozen and its learning rate."""
-    header = ("layer", "type", "output shape", "params", "trainable", "frozen", "lr")
+    header = ("layer", "type", "output shape", "params", "trainable", "frozen", "group", "lr")
     body = []
-    for r in rows:
+    for r in with_child_totals(rows):
         if r["depth"] == 0:
             continue
         frozen = r["params"] - r["trainable"]
@@ -68,10 +86,11 @@ def layer_table_text(rows: list[dict], params: dict[str, int], input_shape: tupl
             f"{r['params']:,}" if r["params"] else "",
             f"{r['trainable']:,}" if r["trainable"] else "",
             f"{frozen:,}" if frozen else "",
+            r.get("lr_group") or "",
             f"{r['lr']:g}" if r.get("lr") is not None else "",
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    fmt = "  ".join(f"{{:<{w}}}" if i < 3 or i == 6 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*header), "  ".join("-" * w for w in widths)]
     lines += [fmt.format(*row) for row in body]
     lines.append("")
