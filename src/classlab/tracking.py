@@ -347,14 +347,16 @@ class StudyTracker:
         if waiting:
             return
         if report:
-            self._guard(self._log_report)
+            self._guard(self.log_report)
         self._guard(lambda: self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED"))
 
-    def _log_report(self) -> None:
+    def log_report(self, paths: tuple[Path, Path] | None = None) -> None:
+        """The study's report (report.html, report.md and its files) as the parent run's artifacts; made here
+        unless `paths` (html, md) says where a caller has just written it."""
         from classlab.report import make_report
 
         try:
-            html, md = make_report(self.folder)
+            html, md = paths if paths is not None else make_report(self.folder)
         except Exception as e:  # the report is a bonus here: `classlab report` can always re-make it
             self._warn(f"report not logged to MLflow: {type(e).__name__}: {one_line(e)[:200]}")
             return
