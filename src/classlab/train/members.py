@@ -528,38 +528,6 @@ class _Group:
         self.optimizer.load_state_dict({"state": stacked, "param_groups": [group]})
 
 
-def _group_key(cfg: RunConfig) -> tuple:
-    t = cfg.train
-    return t.optimizer, t.lr, t.momentum, t.nesterov, t.weight_decay, repr(t.scheduler)
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def _as_member(t: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """A member's slice in the member's own layout (a view; WideMLP stores later weights transposed)."""
-    return t.transpose(-1, -2) if transposed else t
-
-
-def _stacked(backend, name: str) -> torch.Tensor:
-    return backend.params[name] if name in backend.params else backend.buffers[name]
-
-
-def _member_state_dict(model: nn.Module, backend, k: int) -> None:
-    """Copy stacked member k into its own module (for checkpoints, early stopping, the final model)."""
-    names = backend.names[k]
-    with torch.no_grad():
-        for key, target in model.state_dict().items():
-            target.copy_(_as_member(_stacked(backend, names[key])[k], names[key] in backend.transposed))
-
-
-def _load_member(model: nn.Module, backend, k: int) -> None:
-    names = backend.names[k]
-    with torch.no_grad():
-        for key, value in model.state_dict().items():
-            _as_member(_stacked(backend, names[key])[k], names[key] in backend.transposed).copy_(value)
-
-
 def _as_member(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     """A member's slice in the member's own layout (a view; WideMLP stores later weights transposed)."""
     return t.transpose(-1, -2) if transposed else t
