@@ -131,12 +131,13 @@ def test_a_model_that_cannot_be_exported_is_one_line(runs, tmp_path, monkeypatch
     assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*.tmp"))  # nothing half-written
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
 @pytest.mark.parametrize("size", [(14, 14), (32, 32), (20, 40), (224, 224)])
-def test_resize_as_matrices_equals_torch(size):
+def test_resize_as_matrices_equals_torch(size, mode):
     x = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     pre = Preprocess(input_shape=(3, *size), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                      classes=("a", "b"), permutation=tuple(torch.randperm(784).tolist()), source_shape=(1, 28, 28),
-                     to_rgb=True, resize=size)
+                     to_rgb=True, resize=size, interpolation=mode)
     expected = BatchTransform(pre, None, torch.device("cpu"))(x)
     assert torch.allclose(Preprocessing(pre)(x), expected, atol=1e-4)
-    assert torch.allclose(resize_matrix(28, size[0]).sum(1), torch.ones(size[0]))  # rows are averages
+    assert torch.allclose(resize_matrix(28, size[0], mode).sum(1), torch.ones(size[0]))  # rows are averages

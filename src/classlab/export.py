@@ -7,9 +7,10 @@ the resize, the normalization (one multiply-add), then the model and a softmax. 
 nothing of classlab: beside the model file go `preprocessing.json` (the run's stored preprocessing, what the
 graph does with it, the input and output names) and `classes.txt` (one class name a line, in output order).
 
-The resize is torch's antialiased bilinear one written as two matrix products, `Wh @ x @ Ww^T`: that
-resize is separable and linear in the pixels, so its matrices are computed once by resizing the identity,
-and the graph holds no Resize operator whose antialiasing an ONNX runtime might do differently.
+The resize is the run's own (torch's interpolate: its mode, antialiased when a side shrinks, as
+BatchTransform) written as two matrix products, `Wh @ x @ Ww^T`: that resize is separable and linear in the
+pixels, so its matrices are computed once by resizing the identity, and the graph holds no Resize operator
+whose antialiasing or rounding an ONNX runtime might do differently.
 What stays outside the graph is a photo's preparation (gray, inversion, crop to the object), which
 `classlab predict` does before an image reaches the model; preprocessing.json says which runs expect it.
 
@@ -41,12 +42,14 @@ EXPORT_DIR = "export"  # default: <run>/export/model.onnx (RunFolder should own 
 PREPROCESSING, CLASSES = "preprocessing.json", "classes.txt"
 
 
-def resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
-    """The size_out × size_in matrix of torch's 1-D antialiased bilinear resize (align_corners=False): row i
-    holds the weights output pixel i gives to each input pixel. Found by resizing the identity."""
-    # two identical columns resized 2 -> 2 (an identity): torch's kernel mishandles a width of 1
+def resize_matrix(size_in: int, size_out: int, mode: str = "bilinear", antialias: bool = True) -> torch.Tensor:
+    """The size_out × size_in matrix of torch's 1-D resize (`F.interpolate` with this mode and antialias,
+    align_corners=False): row i holds the weights output pixel i gives to each input pixel. Found by resizing
+    the identity; torch's 2-D resize is this in each dimension."""
+    # two identical columns resized 2 -> 2 (an identity): torch's antialiased kernel mishandles a width of 1
     eye = torch.eye(size_in, dtype=torch.float64).view(size_in, 1, size_in, 1).expand(-1, -1, -1, 2).contiguous()
-    out = F.interpolate(eye, size=(size_out, 2), mode="bilinear", align_corners=False, antialias=True)
+    out = F.interpolate(eye, size=(size_out, 2), mode=mode, align_corners=None if mode == "nearest" else False,
+                        antialias=antialias and mode != "nearest")
     return out[:, 0, :, 0].T.float().contiguous()
 
 
@@ -67,8 +70,13 @@ class Preprocessing(nn.Module):
         perm = torch.tensor(pre.permutation if self.permute else [], dtype=torch.int64)
         self.register_buffer("perm", perm)
         self.resize = pre.resize is not None and (h, w) != (out_h, out_w)
-        self.register_buffer("rows", resize_matrix(h, out_h) if self.resize else torch.empty(0))
-        self.register_buffer("cols_t", resize_matrix(w, out_w).T.contiguous() if self.resize else torch.empty(0))
+        # as BatchTransform: the run's interpolation, antialiased only when a side shrinks
+        mode = getattr(pre, "interpolation", "bilinear")
+        mode = mode if mode in ("nearest", "bilinear", "bicubic") else "bilinear"
+        aa = mode != "nearest" and (out_h < h or out_w < w)
+        self.register_buffer("rows", resize_matrix(h, out_h, mode, aa) if self.resize else torch.empty(0))
+        self.register_buffer("cols_t", resize_matrix(w, out_w, mode, aa).T.contiguous() if self.resize
+                             else torch.empty(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -176,7 +184,8 @@ def describe(loaded, fmt: str, model_file: str) -> dict:
     if pre.to_rgb and c == 1:
         steps.append("gray -> RGB (the channel copied 3 times)")
     if pre.resize is not None and (h, w) != tuple(pre.resize):
-        steps.append(f"resize to {list(pre.resize)} (bilinear, antialiased, as torch's interpolate)")
+        steps.append(f"resize to {list(pre.resize)} ({getattr(pre, 'interpolation', 'bilinear')}, as torch's "
+                     "interpolate, antialiased when a side shrinks)")
     steps += ["normalize: (x / 255 - mean) / std per channel", "model", "softmax"]
     return {
         "format": fmt,
