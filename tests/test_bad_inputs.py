@@ -226,6 +226,12 @@ def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     return ["run", str(path)], [str(path), "line 2", "no Python tags"]
 
 
+@case("yaml-duplicate-key")
+def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    path = _write(tmp, "name: toy\ntrain: {epochs: 2}\nmodel: {name: mlp}\ntrain: {epochs: 5}\n")
+    return ["run", str(path)], [str(path), "duplicate key 'train'", "line 2", "line 4"]
+
+
 @case("yaml-syntax-error")
 def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     path = _write(tmp, "name: toy\nmodel: {name: cnn\ntrain: {epochs: 2}\n")
@@ -341,7 +347,7 @@ def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
 def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     root = _png_folder(tmp / "photos")
     (root / "train" / "bird").mkdir()
-    return _folder_study(tmp, root), [str(root / "train"), "with no images: bird"]
+    return _folder_study(tmp, root), [str(root), "no training images for 'bird'", "no test images for 'bird'"]
 
 
 @case("image-sizes-differ")
@@ -365,7 +371,42 @@ def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     root = _png_folder(tmp / "photos")
     _png_folder(tmp / "extra", classes=("bird",), splits=("test",))
     (tmp / "extra" / "test" / "bird").rename(root / "test" / "bird")
-    return _folder_study(tmp, root), [str(root / "test"), "['bird']", "every split needs the same classes"]
+    return _folder_study(tmp, root), [str(root), "no training images for 'bird'", "data.allow_missing_classes"]
+
+
+@case("split-with-a-class-test-lacks")
+def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    root = _png_folder(tmp / "photos")
+    _png_folder(tmp / "extra", classes=("bird",), splits=("train",))
+    (tmp / "extra" / "train" / "bird").rename(root / "train" / "bird")
+    return _folder_study(tmp, root), [str(root), "no test images for 'bird'", "data.allow_missing_classes: true"]
+
+
+@case("one-class-only")
+def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    args, _path = _run_study(tmp, {"data.relabel": {"all": ["0", "1", "2", "3"]}})
+    return args, ["data.relabel", "only one class ('all')", "at least two"]
+
+
+@case("subset-larger-than-the-data")
+def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    args, _path = _run_study(tmp, {"data.subset": {"train": 1000}})
+    return args, ["data.subset.train 1000", "only 240 images"]
+
+
+@case("subset-smaller-than-the-classes")
+def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    args, _path = _run_study(tmp, {"data.subset": {"test": 3}})
+    return args, ["data.subset.test 3", "4 classes", "at least 4"]
+
+
+@case("relabel-number-that-names-and-indexes-two-classes")
+def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    root = _png_folder(tmp / "photos", classes=("1", "10", "2"), n=4)
+    study = _study(tmp, {"data": {"dataset": "image-folder", "root": str(root), "val_fraction": None,
+                                  "relabel": {"one": [1], "rest": ["10", "2"]}}})
+    return ["run", str(_write(tmp, study))], ["data.relabel.one", "1 is ambiguous", "'1' (quoted)",
+                                              "'10' for the class at index 1"]
 
 
 @case("fer-csv-wrong-columns")

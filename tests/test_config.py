@@ -118,3 +118,18 @@ def test_registries_are_the_one_source_of_names():
         validate(RunConfig, {"name": "r", "data": {"dataset": "fashion-mnst"}, "model": {"name": "mlp"}})
     with pytest.raises(ClasslabError, match=r"unknown model 'resnet81' \(did you mean 'resnet18'\?\)"):
         validate(RunConfig, {"name": "r", "model": {"name": "resnet81"}})
+
+
+def test_duplicate_yaml_key_names_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: toy\ntrain:\n  epochs: 2\nmodel: {name: mlp}\ntrain:\n  epochs: 5\n")
+    with pytest.raises(ClasslabError, match=r"line 5: duplicate key 'train' \(first on line 2, again on line 5\)"):
+        load_study(path)
+    path.write_text("model: {name: mlp}\ntrain:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n")  # nested, too
+    with pytest.raises(ClasslabError, match=r"duplicate key 'epochs' \(first on line 3, again on line 5\)"):
+        load_study(path)
+    # a key that overrides one merged in with << is not a duplicate
+    path.write_text("base: &b {epochs: 2, lr: 0.1}\nmodel: {name: mlp}\ntrain:\n  <<: *b\n  epochs: 3\n")
+    from classlab.config import read_yaml
+
+    assert read_yaml(path)["train"] == {"epochs": 3, "lr": 0.1}

@@ -110,3 +110,67 @@ def test_torchvision_layout_is_found(tmp_path):
     folder = make_idx_folder(tmp_path / "root" / "FashionMNIST" / "raw")
     assert locate_idx("fashion-mnist", str(tmp_path / "root"), download=False) == folder
     shutil.rmtree(folder)
+
+
+def test_relabel_numbers_are_names_first_and_ambiguity_is_an_error():
+    from classlab.data.split import relabel
+
+    folders = ["1", "10", "2"]  # image folders named by number, sorted as text: index 1 is '10'
+    mapping, _ = relabel(folders, {"a": [10, 2], "b": ["1"]})
+    assert mapping.tolist() == [1, 0, 0]  # 10 and 2 are the classes named so (2 is also index 2: the same class)
+    with pytest.raises(ClasslabError, match=r"1 is ambiguous.*write '1' \(quoted\) for the class named 1, or '10' "
+                                            r"for the class at index 1"):
+        relabel(folders, {"a": [1], "b": ["10", "2"]})
+    mapping, _ = relabel(["cat", "dog", "owl"], {"pets": [0, 1], "wild": [2]})  # no such names: indices
+    assert mapping.tolist() == [0, 0, 1]
+    with pytest.raises(ClasslabError, match="no class named '7' and class index 7 is outside 0–2"):
+        relabel(["cat", "dog", "owl"], {"a": [7], "b": [0, 1, 2]})
+
+
+def test_subset_is_exactly_what_was_asked(idx_folder):
+    from classlab.data.split import stratified_subset
+
+    labels = torch.arange(60000) % 10
+    for size in (1000, 999, 10, 12, 60000):
+        idx = stratified_subset(labels, size, seed=0)
+        assert len(idx) == size == len(set(idx.tolist()))
+        counts = torch.bincount(labels[idx], minlength=10)
+        assert counts.min() >= 1 and counts.max() - counts.min() <= 1  # balanced stays balanced
+    assert torch.equal(stratified_subset(labels, 1000, 3), stratified_subset(labels, 1000, 3))
+    skewed = torch.tensor([0] * 90 + [1] * 9 + [2])
+    assert torch.bincount(skewed[stratified_subset(skewed, 10, 0)]).tolist() == [8, 1, 1]  # every class kept
+    for subset, needle in (({"train": 1000}, "data.subset.train 1000: the split has only 240 images"),
+                           ({"train": 3}, "data.subset.train 3: fewer images than the 4 classes")):
+        with pytest.raises(ClasslabError, match=needle):
+            load_dataset(DataConfig(dataset="idx", root=str(idx_folder), subset=subset))
+    data = load_dataset(DataConfig(dataset="idx", root=str(idx_folder), subset={"train": 101, "test": 5},
+                                   val_fraction=0.2))
+    assert len(data.train) + len(data.val) == 101 and len(data.test) == 5
+
+
+def test_fewer_than_two_classes_is_refused(tmp_path, idx_folder):
+    with pytest.raises(ClasslabError, match=r"data.relabel: only one class \('all'\); a classifier needs at least two"):
+        load_dataset(DataConfig(dataset="idx", root=str(idx_folder), relabel={"all": ["0", "1", "2", "3"]}))
+    folder = make_idx_folder(tmp_path / "one", num_classes=1)
+    with pytest.raises(ClasslabError, match=r"only one class \('0'\)"):
+        load_dataset(DataConfig(dataset="idx", root=str(folder)))
+
+
+def _drop_class(folder, stem: str, label: int) -> None:
+    labels = read_idx(folder / f"{stem}-labels-idx1-ubyte.gz")
+    keep = labels != label
+    write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", labels[keep])
+    write_idx(folder / f"{stem}-images-idx3-ubyte.gz", read_idx(folder / f"{stem}-images-idx3-ubyte.gz")[keep])
+
+
+def test_a_class_missing_from_either_split_is_an_error_unless_allowed(tmp_path):
+    only_train = make_idx_folder(tmp_path / "only-train")
+    _drop_class(only_train, "t10k", 3)
+    with pytest.raises(ClasslabError, match="no test images for '3'.*data.allow_missing_classes: true"):
+        load_dataset(DataConfig(dataset="idx", root=str(only_train)))
+    data = load_dataset(DataConfig(dataset="idx", root=str(only_train), allow_missing_classes=True))
+    assert data.classes == ["0", "1", "2", "3"] and 3 not in data.test.labels.tolist()
+    only_test = make_idx_folder(tmp_path / "only-test")  # the other way round: the same rule
+    _drop_class(only_test, "train", 3)
+    with pytest.raises(ClasslabError, match="no training images for '3'"):
+        load_dataset(DataConfig(dataset="idx", root=str(only_test)))

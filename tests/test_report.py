@@ -320,3 +320,123 @@ def test_context_of_seeded_variants_with_predictions():
     assert "| c0 | " in md and "| **+" in md and "| +0.00 \\[+0.00, +0.00\\] |" in md  # bold only where it excludes 0
     # band curves + 2 mean confusions + diff confusion + gallery + per run: curves, confusion, mistakes
     assert len(figures) == 1 + 2 + 2 + 3 * len(runs) and len({f.key for f in figures}) == len(figures)
+
+
+# ----------------------------------------------------------------------------- issue 15: order, intervals, fonts
+
+
+def test_runs_come_in_the_recorded_study_order_else_natural_order(tmp_path):
+    from classlab.report.load import load_study_runs, write_run_order
+
+    folder = tmp_path / "study"
+    names = ["b-seed10", "b-seed2", "a-seed1", "retrain-b-seed2"]
+    for name in names:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "summary.json").write_text(json.dumps(_summary(name, 0.9)))
+    runs, _ = load_study_runs(folder)  # no recorded order (an older folder): natural order, seed2 before seed10
+    assert [r.name for r in runs] == ["a-seed1", "b-seed2", "b-seed10", "retrain-b-seed2"]
+    write_run_order(folder, ["b-seed2", "b-seed10", "a-seed1"])  # as study.py writes it: the plan's order
+    runs, _ = load_study_runs(folder)
+    assert [r.name for r in runs] == ["b-seed2", "b-seed10", "a-seed1", "retrain-b-seed2"]
+
+
+def test_no_seed_interval_from_two_seeds():
+    from classlab.comparison import within_noise
+
+    two = [_run(f"a-seed{s}", acc, s) for s, acc in enumerate((0.80, 0.84))]
+    two += [_run(f"b-seed{s}", acc, s) for s, acc in enumerate((0.10, 0.95))]
+    rows = compare_runs([r.summary for r in two])
+    shown = {r["variant"]: r for r in comparison_rows(rows, {})}
+    assert shown["a"]["ci"] == "needs ≥ 3 seeds"  # t = 12.7 with 2 seeds: [0.00, 100.00] once clipped
+    assert not within_noise(rows[0].accuracy, rows[1].accuracy)
+    three = [_run(f"a-seed{s}", acc, s) for s, acc in enumerate((0.80, 0.84, 0.82))]
+    assert comparison_rows(compare_runs([r.summary for r in three]), {})[0]["ci"] == "[77.03, 86.97]"
+
+
+def test_cjk_class_names_draw_without_warnings_or_boxes():
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from classlab.report import plots
+
+    names = ["猫", "犬 dog", "\u1d81", "plain"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Glyph … missing from font(s) DejaVu Sans" would fail here
+        plot = plots.confusion(np.eye(4) * 5, names, "k", "実験 run")
+        plots.learning_curves([{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5}], None, False, 1, "c", "実験")
+    assert plot.png[:4] == b"\x89PNG"
+    for char in "猫\u1d81":
+        family = plots._font_for(char)
+        with plt.rc_context(plots.STYLE):
+            shown = plots.drawable(f"x{char}")
+            if family is None:  # no installed font has it: a plain '?', never a box
+                assert shown == "x?"
+            else:  # an installed font that has it joins this figure's font families
+                assert shown == f"x{char}" and family in plt.rcParams["font.family"]
+    assert plots._font_for("a") == "" and plots.drawable("ab−é") == "ab−é"
+
+
+def test_model_table_parent_rows_sum_their_layers():
+    from classlab.report.context import model_table
+
+    rows = [{"layer": "(model)", "depth": 0, "type": "Net", "params": 0, "trainable": 0},
+            {"layer": "block", "depth": 1, "type": "Sequential", "params": 0, "trainable": 0},
+            {"layer": "block.0", "depth": 2, "type": "Conv2d", "params": 80, "trainable": 80},
+            {"layer": "block.1", "depth": 2, "type": "BatchNorm2d", "params": 16, "trainable": 0},
+            {"layer": "fc", "depth": 1, "type": "Linear", "params": 40, "trainable": 40}]
+    run = _run("r", 0.9)
+    run.model_rows = rows
+    shown = {r["layer"]: r for r in model_table(run)["rows"]}
+    assert (shown["block"]["params"], shown["block"]["trainable"], shown["block"]["frozen"]) == ("96", "80", "16")
+    assert shown["(model)"]["params"] == "136" and shown["fc"]["params"] == "40"
+
+
+def test_confusion_labels_are_never_cut_off(monkeypatch):
+    """Even where the layout gives up (tight_layout made a no-op here), the saved figure holds every label:
+    a white margin on all four edges."""
+    import io
+
+    import matplotlib.figure
+    from PIL import Image
+
+    from classlab.report import plots
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "tight_layout", lambda self, *a, **k: None)
+    names = [f"a long class name {i}" for i in range(6)]
+    for plot in (plots.confusion(np.ones((6, 6)), names, "k", "t"),
+                 plots.confusion_difference(np.zeros((6, 6)), names, ("a", "b"), "k")):
+        pixels = np.asarray(Image.open(io.BytesIO(plot.png)).convert("L"))
+        edges = (pixels[:3], pixels[-3:], pixels[:, :3], pixels[:, -3:])
+        assert all(int(edge.min()) == 255 for edge in edges)
+
+
+def test_classes_without_test_images_are_a_sanity_note():
+    run = _run("r", 0.9)
+    run.summary["test"]["per_class"]["support"][2] = 0
+    notes = [n for n in sanity_notes(compare_runs([run.summary]), [run]) if n.kind == "no_test_images"]
+    assert len(notes) == 1 and "no test images for class(es) c2" in notes[0].text
+    assert "allow_missing_classes" in notes[0].text
+
+
+def test_demo_report_shows_calibration_class_distribution_and_grad_cam(demo_runs):
+    html = (demo_runs / "report.html").read_text()
+    md = (demo_runs / "report.md").read_text()
+    for text in (html, md):
+        for needle in ("balanced accuracy", "Class distribution", "Calibration", "expected calibration error",
+                       "Grad-CAM on the worst mistakes"):
+            assert needle in text, needle
+    assert "Test-time augmentation" not in html  # not asked for: no section
+    summary = json.loads((demo_runs / "original" / "summary.json").read_text())
+    assert summary["data"]["class_counts"]["test"] == summary["test"]["per_class"]["support"]
+    assert 0 <= summary["test"]["ece"] <= 1 and summary["calibration"]["temperature"] is None
+
+
+def test_permuted_grad_cam_noise_is_a_sanity_note():
+    runs = [_run("original", 0.9), _run("permuted", 0.8, permuted=True)]
+    rows = compare_runs([r.summary for r in runs])
+    kinds = lambda scores: [n.kind for n in sanity_notes(rows, runs, scores)]  # noqa: E731
+    assert "permuted_cam_noise" in kinds({"original": 0.93, "permuted": 0.04})
+    assert "permuted_cam_noise" not in kinds({"original": 0.93, "permuted": 0.8})  # smooth too: no note
+    assert "permuted_cam_noise" not in kinds({"original": 0.2, "permuted": 0.04})  # the original is no reference
+    assert "permuted_cam_noise" not in kinds({})

@@ -25,8 +25,8 @@ def test_grid_2x2_times_2_seeds_is_8_named_runs(tmp_path, idx_folder):
     runs = expand(cfg)
     names = [r.config.name for r in runs]
     assert len(names) == 8 == len(set(names))
-    assert "adam-0.001-seed1" in names
-    cell = next(r.config for r in runs if r.config.name == "rmsprop-0.001-seed0")
+    assert "adam-l1_0.001-seed1" in names
+    cell = next(r.config for r in runs if r.config.name == "rmsprop-l1_0.001-seed0")
     assert cell.train.optimizer == "rmsprop" and cell.train.l1 == 0.001
 
 
@@ -127,7 +127,7 @@ def test_mlp_grid_cells_train_together_into_their_own_folders(tmp_path, idx_fold
     code, out, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
     assert code == 0, err
     assert "training 4 runs together" in out
-    for name in ("adam-0.0", "adam-0.0001", "rmsprop-0.0", "rmsprop-0.0001"):
+    for name in ("adam-l1_0.0", "adam-l1_0.0001", "rmsprop-l1_0.0", "rmsprop-l1_0.0001"):
         folder = RunFolder(tmp_path / "runs" / "toy" / name)
         summary = folder.read_summary()
         assert summary["trained_together"] and summary["test"]["accuracy"] > 0.9
@@ -147,3 +147,31 @@ def test_select_rule_lower_bound_prefers_the_stable_variant():
     assert select_variant(summaries, "val_accuracy") == "noisy"  # the higher mean
     assert select_variant(summaries, "val_accuracy", "lower_bound") == "stable"
     assert select_variant(summaries, "val_loss", "lower_bound") == "stable"
+
+
+def test_grid_cell_names_say_which_number_is_which():
+    names = [n for n, _ in grid_cells({"train.lr": [0.001, 0.01], "train.batch_size": [16]})]
+    assert names == ["lr0.001-bs16", "lr0.01-bs16"]
+    assert [n for n, _ in grid_cells({"train.optimizer": ["adam"], "model.batchnorm": [True]})] == \
+        ["adam-batchnorm_true"]  # words stay as they are; a boolean says whose it is
+    assert [n for n, _ in grid_cells({"train.l1": [0.0001], "model.hidden": [[256, 128]]})] == \
+        ["l1_0.0001-hidden256x128"]
+
+
+def test_terminal_and_report_list_runs_in_the_study_order(tmp_path, idx_folder):
+    """MLP runs train stacked before a CNN listed between them: the results still come in the study's order,
+    and the study folder records that order for the report."""
+    from rich.console import Console
+
+    from classlab.report.load import load_study_runs
+    from classlab.study import run_study
+
+    mlp = {"name": "mlp", "hidden": [8]}
+    study = tiny_study(tmp_path, idx_folder, runs=[{"name": "b-mlp", "model": mlp}, {"name": "a-cnn"},
+                                                   {"name": "c-mlp", "model": mlp, "train": {"lr": 0.02}}])
+    study["train"]["epochs"] = 1
+    result = run_study(write_study(tmp_path / "s.yaml", study), console=Console(quiet=True))
+    order = ["b-mlp", "a-cnn", "c-mlp"]
+    assert [s["name"] for s in result.summaries] == order
+    runs, _ = load_study_runs(result.folder)
+    assert [r.name for r in runs] == order

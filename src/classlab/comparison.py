@@ -14,6 +14,11 @@ _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045]
 
 
+# Fewest seeds for an interval over seeds: with 2, Student's t is 12.7 and the 95% interval of the mean spans
+# nearly any accuracy ([0, 100] once clipped), so it is not shown and seed noise counts as not estimated.
+MIN_SEEDS_FOR_INTERVAL = 3
+
+
 def variant_of(run_name: str) -> str:
     return SEED_SUFFIX.sub("", run_name)
 
@@ -23,6 +28,11 @@ class Stat:
     mean: float
     std: float  # sample std (ddof=1); 0 for one seed
     n: int
+
+    @property
+    def has_interval(self) -> bool:
+        """Enough seeds for a 95% interval over seeds that says something (MIN_SEEDS_FOR_INTERVAL)."""
+        return self.n >= MIN_SEEDS_FOR_INTERVAL
 
     @property
     def ci95(self) -> float:
@@ -78,8 +88,8 @@ def compare_runs(summaries: list[dict]) -> list[VariantRow]:
 
 
 def within_noise(a: Stat, b: Stat) -> bool:
-    """True when two variants' means differ by less than their combined seed noise (needs ≥ 2 seeds)."""
-    if a.n < 2 or b.n < 2:
+    """True when two variants' means differ by less than their combined seed noise (needs ≥ 3 seeds each)."""
+    if not (a.has_interval and b.has_interval):
         return False
     return abs(a.mean - b.mean) < math.sqrt(a.ci95**2 + b.ci95**2)
 

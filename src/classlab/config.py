@@ -192,9 +192,11 @@ class Subset(Strict):
     """A stratified, seeded sample of a split, for quick experiments and the demo."""
 
     train: int | None = Field(
-        None, gt=0, description="keep this many training images (stratified, seeded by data.split_seed)")
+        None, gt=0, description="exactly this many training images, the validation split included (stratified: "
+        "every class, in its share; seeded by data.split_seed)")
     test: int | None = Field(
-        None, gt=0, description="keep this many test images (stratified, seeded by data.split_seed)")
+        None, gt=0, description="exactly this many test images (stratified: every class, in its share; seeded by "
+        "data.split_seed)")
     keep: dict[str, Annotated[float, Field(gt=0, le=1)]] | None = Field(
         None, description="keep only this fraction of the listed classes' training images, e.g. {disgust: 0.1}: "
         "a class imbalance made on purpose (seeded by data.split_seed; the test split is untouched)")
@@ -223,6 +225,9 @@ class DataConfig(Strict):
         "else measured on the training images")
     augment: Augment = Field(Augment(), description="train-time augmentation, batched on the device")
     subset: Subset | None = Field(None, description="a stratified sample of the splits, for quick experiments")
+    allow_missing_classes: bool = Field(
+        False, description="accept a class with no training or no test images (else an error); the report lists "
+        "the classes with no test images")
     sampler: Literal["shuffle", "balanced"] = Field(
         "shuffle", description="training order per epoch: shuffle (each image once), or balanced (a class-balanced "
         "draw with replacement, as many images as the training split, from the run's seeded order generator)")
@@ -690,8 +695,31 @@ class StudyConfig(Strict):
 # ----------------------------------------------------------------------------- loading
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A key written twice in one mapping (YAML would silently keep the last)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe loading, plus YAML 1.2 floats: `lr: 1e-3` is a number, not the string '1e-3'."""
+    """Safe loading, plus YAML 1.2 floats: `lr: 1e-3` is a number, not the string '1e-3'; and a key written
+    twice in one mapping is an error naming both lines, not the last one silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):  # only the keys written here: one overriding a merged (<<) key is fine
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if first is not None:
+                    raise DuplicateKey(
+                        None, None, f"duplicate key '{key}' (first on line {first.start_mark.line + 1}, again on "
+                        f"line {key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -719,6 +747,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ClasslabError(f"{path}: cannot read ({e})") from None
     try:
         raw = yaml_load(text)
+    except DuplicateKey as e:
+        raise ClasslabError(f"{path}: line {e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.constructor.ConstructorError as e:
         line = f" line {e.problem_mark.line + 1}:" if e.problem_mark else ""
         raise ClasslabError(

@@ -21,23 +21,43 @@ class PlannedRun:
     variant: str  # the run's name without its seed suffix: runs that differ only by seed share it
 
 
-def _value_name(value: Any) -> str:
-    if isinstance(value, dict):
-        return "-".join(_value_name(v) for v in value.values())
-    text = str(value).lower() if isinstance(value, bool) else str(value)
+# Short labels for the grid keys seen most, in cell names: `lr0.001-bs16`; any other key is labelled by its
+# last part (`momentum0.9`, `patience3`).
+KEY_LABELS = {"batch_size": "bs", "weight_decay": "wd", "eval_batch_size": "ebs", "label_smoothing": "ls"}
+
+
+def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
+def _value_name(value: Any, key: str) -> str:
+    """How a grid value names its cell: a word as it is (`adam`, `batchnorm`); anything else (a number, a
+    boolean, none, a list) after its key's label, so the name says which parameter is which (`lr0.001`)."""
+    if isinstance(value, dict):
+        return "-".join(_value_name(v, k) for k, v in value.items())
+    if isinstance(value, str):
+        return _safe(value)
+    if isinstance(value, list | tuple):
+        text = "x".join(str(v) for v in value) or "none"
+    else:
+        text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    label = KEY_LABELS.get(key.split(".")[-1], key.split(".")[-1])
+    joined = label[-1:].isdigit() or not (text[:1].isdigit() or text[:1] in "-.")  # l1_0.0001, amp_true
+    return _safe(f"{label}{'_' if joined else ''}{text}")
+
+
 def grid_cells(grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
-    """Cartesian product of the grid's dotted keys; each cell named by its values, e.g. 'adam-batchnorm'."""
+    """Cartesian product of the grid's dotted keys; each cell named by its values, e.g. 'adam-batchnorm', a
+    number with its key's label, e.g. 'lr0.001-bs16' (plan._value_name: the one place a cell gets its name)."""
     keys = list(grid)
     cells = []
     for values in itertools.product(*(grid[k] for k in keys)):
-        name = "-".join(_value_name(v) for v in values)
+        name = "-".join(_value_name(v, k) for k, v in zip(keys, values, strict=True))
         cells.append((name, dict(zip(keys, values, strict=True))))
     names = [n for n, _ in cells]
-    if len(set(names)) != len(names):  # values alone are ambiguous: prefix each with its key
-        cells = [("-".join(f"{k.split('.')[-1]}={_value_name(v)}" for k, v in cell.items()), cell)
+    if len(set(names)) != len(names):  # words alone are ambiguous: prefix each with its key
+        cells = [("-".join(f"{k.split('.')[-1]}={_safe(v)}" if isinstance(v, str) else _value_name(v, k)
+                           for k, v in cell.items()), cell)
                  for _, cell in cells]
     return cells
 

@@ -357,6 +357,10 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
         for warning in {distributed.batch_warning(p.config.train.batch_size) for p in mine} - {None}:
             _say(console, f"warning: {warning}", "yellow")
         trainer = _Trainer(folder, dev, console, options)
+        if writer and not options.worker:
+            from classlab.report.load import write_run_order  # the report lists the runs in this order
+
+            write_run_order(folder, [p.config.name for p in planned])
         trainer.tracker = tracker = open_tracker(study, folder, planned, console) if writer else None
         started = time.perf_counter()
         if not options.retry_failed and not restart:
@@ -384,5 +388,7 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
         raise
     finally:
         distributed.cleanup(joined)
+    place = {p.config.name: i for i, p in enumerate(planned)}  # the study's order (the report's), retrains last
+    trainer.summaries.sort(key=lambda s: place.get(s["name"], len(place)))
     return StudyResult(study, folder, trainer.summaries, trainer.failed, selected, busy=trainer.busy,
                        waiting=waiting, shard=shard, writer=writer)

@@ -159,8 +159,8 @@ def load_dataset(cfg: DataConfig) -> ImageData:
     classes = list(raw.classes)
     if cfg.subset is not None:
         for name, limit in (("train", cfg.subset.train), ("test", cfg.subset.test)):
-            if limit is not None and limit < len(splits[name]):
-                idx = stratified_subset(splits[name].labels, limit, cfg.split_seed)
+            if limit is not None:  # exactly `limit` images, or an error saying why not
+                idx = stratified_subset(splits[name].labels, limit, cfg.split_seed, f"data.subset.{name}")
                 splits[name] = Split(splits[name].images[idx], splits[name].labels[idx])
     if cfg.subset is not None and cfg.subset.keep:
         unknown = [name for name in cfg.subset.keep if name not in classes]
@@ -184,9 +184,34 @@ def load_dataset(cfg: DataConfig) -> ImageData:
         val = None
     if len(train) == 0:
         raise ClasslabError(f"{raw.source}: the training split is empty")
+    _check_classes(cfg, raw.source, classes, train, splits["test"])
     mean, std = _stats(cfg, raw, train)
     return ImageData(train=train, val=val, test=splits["test"], classes=classes, mean=mean, std=std,
                      source=raw.source, skipped=list(raw.skipped))
+
+
+def _check_classes(cfg: DataConfig, source: str, classes: list[str], train: Split, test: Split) -> None:
+    """The one rule on classes, whatever the source: at least two, and every class with training and test
+    images (a class missing from either split is an error unless data.allow_missing_classes says otherwise;
+    the report then lists the classes with no test images)."""
+    where = "data.relabel" if cfg.relabel is not None else source
+    if len(classes) < 2:
+        raise ClasslabError(f"{where}: only one class ({', '.join(map(repr, classes))}); a classifier needs at "
+                            "least two")
+    n_train = torch.bincount(train.labels, minlength=len(classes)).tolist()
+    n_test = torch.bincount(test.labels, minlength=len(classes)).tolist()
+    trained = [c for c, n in zip(classes, n_train, strict=True) if n]
+    if len(trained) < 2:
+        raise ClasslabError(f"{where}: only the class {', '.join(map(repr, trained))} has training images; a "
+                            "classifier needs at least two")
+    no_train = [c for c, n in zip(classes, n_train, strict=True) if not n]
+    no_test = [c for c, n in zip(classes, n_test, strict=True) if not n]
+    if (no_train or no_test) and not cfg.allow_missing_classes:
+        parts = ([f"no training images for {', '.join(map(repr, no_train))}"] if no_train else []) + (
+            [f"no test images for {', '.join(map(repr, no_test))}"] if no_test else [])
+        raise ClasslabError(f"{source}: {'; '.join(parts)}; every class needs images in both splits (check the "
+                            "class folders, data.subset and data.relabel), or set data.allow_missing_classes: true "
+                            "to train anyway (the report then lists the classes with no test images)")
 
 
 def _stats(cfg: DataConfig, raw: RawData, train: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -21,7 +21,7 @@ from classlab.report.sanity import is_permuted, originals, sanity_notes
 
 TOP_CONFUSED = 5
 CHECKS = ("test accuracy near chance", "validation accuracy far above training accuracy",
-          "a pixel-permuted run beating its original by more than the noise")
+          "a pixel-permuted run beating its original by more than the noise", "classes with no test images")
 
 
 def slug(text: str) -> str:
@@ -36,6 +36,8 @@ def pct(x: float) -> str:
 def _accuracy_ci(s: Stat, scale: float = 100, digits: int = 2) -> str:
     if s.n < 2:
         return "—"
+    if not s.has_interval:
+        return "needs ≥ 3 seeds"
     low, high = max(s.mean - s.ci95, 0.0), min(s.mean + s.ci95, 1.0)  # an accuracy lies in [0, 1]
     return f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
 
@@ -231,6 +233,8 @@ def confused_pairs(matrix: list[list[int]], classes: list[str], top: int = TOP_C
 
 
 def model_table(run: RunData) -> dict[str, Any] | None:
+    from classlab.models.summary import with_child_totals  # torchinfo and the model zoo: only when needed
+
     params = run.summary.get("parameters") or {}
     if run.model_rows is None and run.model_text is None:
         return None
@@ -238,7 +242,8 @@ def model_table(run: RunData) -> dict[str, Any] | None:
              "lr": f"{r['lr']:g}" if r.get("lr") is not None else "",
              "output_shape": "×".join(str(d) for d in r.get("output_shape", [])[1:]) or "—",  # minus batch
              "params": f"{r.get('params', 0):,}", "trainable": f"{r.get('trainable', 0):,}",
-             "frozen": f"{r.get('params', 0) - r.get('trainable', 0):,}"} for r in (run.model_rows or [])]
+             "frozen": f"{r.get('params', 0) - r.get('trainable', 0):,}"}
+            for r in with_child_totals(run.model_rows or [])]  # a block: the sum of its layers, not 0
     return {"rows": rows, "text": run.model_text,
             "total": f"{params.get('total', 0):,}", "trainable": f"{params.get('trainable', 0):,}",
             "frozen": f"{params.get('frozen', 0):,}"}

@@ -6,6 +6,8 @@ rather than failing the whole report.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from classlab.errors import ClasslabError
-from classlab.runs import RunFolder, find_failed, find_runs
+from classlab.runs import RunFolder, atomic_write_json, find_failed, find_runs
 
 
 @dataclass
@@ -75,12 +77,42 @@ def failed_runs(study_folder: Path) -> list[FailedRun]:
     return [FailedRun(f.name, f.read_failed()) for f in find_failed(study_folder)]
 
 
+RUN_ORDER = "run_order.json"  # beside the run folders: the study's run names in plan order (study.py writes it)
+
+
+def write_run_order(study_folder: Path, names: list[str]) -> None:
+    """Record the study's run order, so the report lists runs as the terminal's table does. A study folder
+    that cannot be written is left to the first run folder to report (RunFolder.prepare says why)."""
+    try:
+        study_folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(study_folder / RUN_ORDER, {"runs": list(names)})
+    except (OSError, ClasslabError):
+        return
+
+
+def run_order(study_folder: Path, names: list[str]) -> list[str]:
+    """`names` in the study's recorded order; names it does not list (a retrain, an older folder) follow,
+    in natural order (seed2 before seed10)."""
+    try:
+        recorded = json.loads((study_folder / RUN_ORDER).read_text(encoding="utf-8"))["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = []
+    place = {str(n): i for i, n in enumerate(recorded)}
+
+    def natural(name: str) -> tuple:
+        return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
+
+    return sorted(names, key=lambda n: (place.get(n, len(place)), natural(n)))
+
+
 def load_study_runs(study_folder: str | Path) -> tuple[list[RunData], list[FailedRun]]:
-    """Every finished run (and every failed one) under a study folder."""
+    """Every finished run (and every failed one) under a study folder, in the study's run order."""
     folder = Path(study_folder)
     if not folder.is_dir():
         raise ClasslabError(f"{folder}: no such study folder")
     runs = [load_run(f) for f in find_runs(folder)]
+    order = {n: i for i, n in enumerate(run_order(folder, [r.name for r in runs]))}
+    runs.sort(key=lambda r: order[r.name])
     failed = failed_runs(folder)
     if not runs and not failed:
         raise ClasslabError(f"{folder}: no classlab runs found (no */summary.json); train with `classlab run` first")

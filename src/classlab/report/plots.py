@@ -6,6 +6,7 @@ written instead of being parsed as TeX (which can fail).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from matplotlib.ft2font import FT2Font  # noqa: E402
 
 STYLE = {"text.parse_math": False, "font.size": 9, "axes.titlesize": 10, "figure.dpi": 100,
          "axes.grid": True, "grid.alpha": 0.3}
@@ -31,14 +34,56 @@ class Plot:
 
 
 def _png(fig) -> bytes:
+    """The figure as PNG bytes, cropped to what is drawn plus a margin, so no label (a rotated class name, the
+    axis title below it) is ever cut off at the edge, whatever the layout managed."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return buffer.getvalue()
 
 
+@functools.cache
+def _charmap(path: str) -> frozenset[int]:
+    try:
+        return frozenset(FT2Font(path).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
+@functools.cache
+def _font_for(char: str) -> str | None:
+    """The family of an installed font that has a glyph for `char`: the default one (DejaVu Sans) first, then
+    any other (a CJK font such as Noto Sans CJK, when installed); None when no font has it."""
+    code = ord(char)
+    if code in _charmap(font_manager.findfont(font_manager.FontProperties(), fallback_to_default=True)):
+        return ""
+    for entry in sorted(font_manager.fontManager.ttflist, key=lambda f: f.fname):
+        if entry.name.startswith("Last Resort"):  # its "glyphs" are the boxes we are avoiding
+            continue
+        if code in _charmap(entry.fname):
+            return entry.name
+    return None
+
+
+def drawable(text: str) -> str:
+    """`text` as a figure can draw it, without "glyph missing" warnings or boxes: characters the default font
+    lacks are drawn with an installed font that has them (added to this figure's font families), and a
+    character no installed font has becomes '?'. Every user string (class, run, study names) goes through it."""
+    out = []
+    for char in str(text):
+        family = _font_for(char) if ord(char) > 0x7F else ""
+        if family is None:
+            out.append("?")
+            continue
+        families = list(plt.rcParams["font.family"])
+        if family and family not in families:
+            plt.rcParams["font.family"] = [*families, family]  # per-glyph fallback; reset when the figure's
+        out.append(char)  # rc_context ends
+    return "".join(out)
+
+
 def short(text: str, n: int = 18) -> str:
-    text = str(text)
+    text = drawable(text)
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
@@ -73,7 +118,7 @@ def learning_curves(metrics: list[dict], best_epoch: int | None, stopped_early: 
             ax.set_title(f"{label}")
             ax.legend(fontsize=8)
             ax.xaxis.get_major_locator().set_params(integer=True)
-        fig.suptitle(title)
+        fig.suptitle(drawable(title))
         fig.tight_layout()
         return Plot(key, f"learning curves of {title}", _png(fig))
 
@@ -103,7 +148,7 @@ def confusion(matrix: list[list[int]] | np.ndarray, classes: list[str], key: str
                     for j in range(k):
                         ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
                                 color="white" if data[i, j] > 0.55 * top else "black")
-        fig.suptitle(f"{title}: confusion matrix (test set)")
+        fig.suptitle(f"{drawable(title)}: confusion matrix (test set)")
         fig.tight_layout()
         return Plot(key, f"confusion matrix of {title}, {counts_label} and row-normalized", _png(fig))
 
@@ -133,7 +178,7 @@ def mistakes_grid(images: np.ndarray, true: list[str], pred: list[str], prob: li
             img, cmap = to_hwc(images[i])
             ax.imshow(img, cmap=cmap, vmin=0, vmax=255)
             ax.set_title(f"true: {short(true[i], 14)}\npred: {short(pred[i], 14)}\np = {prob[i]:.2f}", fontsize=7)
-        fig.suptitle(f"{title}: most confident mistakes")
+        fig.suptitle(f"{drawable(title)}: most confident mistakes")
         return Plot(key, f"worst test mistakes of {title}", _png(fig))
 
 
@@ -161,7 +206,7 @@ def overlaid_curves(runs: list[tuple[str, str, list[dict]]], key: str, title: st
             ax.set_title(label)
             ax.xaxis.get_major_locator().set_params(integer=True)
         axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        fig.suptitle(title)
+        fig.suptitle(drawable(title))
         fig.tight_layout()
         return Plot(key, f"learning curves of all runs of {title}", _png(fig))
 
@@ -248,7 +293,7 @@ def seed_band_curves(variants: list[tuple[str, list[list[dict]]]], key: str, tit
             ax.set_title(label)
             ax.xaxis.get_major_locator().set_params(integer=True)
         axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        fig.suptitle(f"{title}: mean over seeds per variant, band = min–max over seeds")
+        fig.suptitle(f"{drawable(title)}: mean over seeds per variant, band = min–max over seeds")
         fig.tight_layout()
         return Plot(key, f"learning curves of {title} per variant, mean and min-max band over seeds", _png(fig))
 
@@ -302,5 +347,5 @@ def disagreement_gallery(blocks: list[tuple[str, np.ndarray | list, list[str]]],
             axes[row, 0].text(-0.1, 0.5, short(label, 40), transform=axes[row, 0].transAxes, rotation=90,
                               ha="right", va="center", fontsize=8)
             row += math.ceil(len(images) / cols)
-        fig.suptitle(title)
+        fig.suptitle(drawable(title))
         return Plot(key, f"test images one variant gets right and the other wrong: {title}", _png(fig))

@@ -1,7 +1,8 @@
 """Sanity notes computed from the runs, so a suspicious result is flagged in the report rather than missed.
 
 Checks: test accuracy near chance; validation accuracy far above training accuracy; a pixel-permuted run
-beating its original by more than the noise (seed noise with ≥ 2 seeds, else test-set sampling noise).
+beating its original by more than the noise (seed noise with ≥ 3 seeds, else test-set sampling noise);
+classes with no test images.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def originals(runs: list[RunData]) -> dict[str, str]:
 
 
 def _noise(a: VariantRow, b: VariantRow, runs: list[RunData]) -> tuple[float, str]:
-    """95% half-width of the difference of two accuracies: over seeds when both have ≥ 2, else binomial."""
-    if a.accuracy.n >= 2 and b.accuracy.n >= 2:
+    """95% half-width of the difference of two accuracies: over seeds when both have ≥ 3, else binomial."""
+    if a.accuracy.has_interval and b.accuracy.has_interval:
         return math.hypot(a.accuracy.ci95, b.accuracy.ci95), "95% interval over seeds"
     sizes = {variant_of(r.name): sum(r.summary["test"]["per_class"]["support"]) for r in runs}
 
@@ -96,7 +97,7 @@ def _noise(a: VariantRow, b: VariantRow, runs: list[RunData]) -> tuple[float, st
         p = row.accuracy.mean
         return p * (1 - p) / max(sizes.get(row.variant, 1), 1)
 
-    return 1.96 * math.sqrt(var(a) + var(b)), "95% test-set sampling noise; one seed, so seed noise is unknown"
+    return 1.96 * math.sqrt(var(a) + var(b)), "95% test-set sampling noise; seed noise needs ≥ 3 seeds"
 
 
 def permuted_beats_original(rows: list[VariantRow], runs: list[RunData]) -> list[Note]:
@@ -117,5 +118,21 @@ def permuted_beats_original(rows: list[VariantRow], runs: list[RunData]) -> list
     return notes
 
 
+def no_test_images(runs: list[RunData]) -> list[Note]:
+    """Classes a run's test split has no image of (only with data.allow_missing_classes: else loading fails)."""
+    by_missing: dict[tuple[str, ...], list[str]] = {}
+    for run in runs:
+        support = run.summary["test"]["per_class"]["support"]
+        missing = tuple(c for c, n in zip(run.classes, support, strict=False) if n == 0)
+        if missing:
+            by_missing.setdefault(missing, []).append(run.name)
+    return [Note("no_test_images", ", ".join(names),
+                 f"{', '.join(names)}: no test images for class(es) {', '.join(missing)} "
+                 "(data.allow_missing_classes); their recall and F1 are undefined and count as 0 in the macro "
+                 "averages, and the test accuracy says nothing about them.")
+            for missing, names in by_missing.items()]
+
+
 def sanity_notes(rows: list[VariantRow], runs: list[RunData]) -> list[Note]:
-    return near_chance(rows, runs) + val_above_train(runs) + permuted_beats_original(rows, runs)
+    return (near_chance(rows, runs) + val_above_train(runs) + permuted_beats_original(rows, runs)
+            + no_test_images(runs))
