@@ -147,7 +147,9 @@ def run(
     if result.failed and not result.writer:
         raise typer.Exit(1)
     if result.failed:
-        where = result.folder / "<run>" / "failed.json"
+        from classlab.runs import RunFolder
+
+        where = RunFolder(result.folder / "<run>").failed_path
         sys.stderr.write(f"{len(result.failed)} run(s) failed: {', '.join(result.failed)}; reasons in {where}\n")
         raise typer.Exit(1)
 
@@ -256,6 +258,9 @@ def _report_when_ready(result: StudyResult) -> None:
     if result.busy:
         console.print(f"{len(result.busy)} run(s) were being trained by other processes ({', '.join(result.busy)}); "
                       f"when they are done: classlab report {result.folder}", markup=False, highlight=False)
+    if result.report is not None:  # written already, to log it to MLflow
+        console.print(f"report: {result.report[0]}")
+        return
     _make_report(result.folder, reference=result.selected)
 
 
@@ -405,6 +410,8 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
     csv_path: Path | None = typer.Option(None, "--csv", help="also write the top-k rows to this CSV file"),
     show: Path | None = typer.Option(None, "--show", help="figure(s): original, prepared input, probabilities"),
+    cam: Path | None = typer.Option(None, "--cam", help="figure(s) F.png: Grad-CAM maps of the top classes over "
+                                    "the prepared input (F-<image>.png for several images)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     prepare: bool | None = typer.Option(None, "--prepare/--no-prepare",
                                         help="photo preparation (default: on for MNIST-style runs)"),
@@ -425,7 +432,7 @@ def predict(
     if device not in ("auto", "cpu", "cuda"):
         raise ClasslabError(f"--device '{device}': choose auto, cpu or cuda")
     code = run_predict(run_dir, list(images), top_k=top_k, as_json=as_json, csv_path=csv_path, show=show,
-                       device=device, normalize=normalize, console=console, prepare_photo=prepare,
+                       device=device, normalize=normalize, console=console, cam=cam, prepare_photo=prepare,
                        grayscale=grayscale, invert=invert, background=background, crop=crop, margin=margin)
     if code:
         raise typer.Exit(code)

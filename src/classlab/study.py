@@ -6,6 +6,7 @@ metrics are evaluate.py; the folder's layout is runs.py. This module only puts t
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from rich.console import Console
 from classlab.config import RunConfig, StudyConfig, load_study, validate
 from classlab.data import ImageData, load_dataset
 from classlab.errors import ClasslabError, RunFailed
-from classlab.evaluate import evaluate_test, run_summary
+from classlab.evaluate import evaluate_run, run_summary
 from classlab.locks import RunLock, RunLocked
 from classlab.models import build_model
 from classlab.models.summary import layer_table_text, model_table, parameter_count
@@ -29,7 +30,7 @@ from classlab.train.callbacks import TensorBoardLogger, TimeEstimate
 from classlab.train.device import resolve_device
 from classlab.train.fit import FitResult, fit
 from classlab.train.progress import EpochProgress
-from classlab.transforms import BatchTransform, Preprocess, preprocess_for
+from classlab.transforms import Preprocess, preprocess_for
 from classlab.transforms import describe as describe_preprocess
 
 
@@ -41,10 +42,12 @@ class RunOptions:
     `steal_locks` takes over locks of jobs on other machines known to be gone. `worker`: a process of
     `classlab run --jobs N` (a shard that leaves select / retrain to its parent); `retry_failed=False`
     (that parent's final pass) lists runs that failed as failed instead of retraining them, and
-    `restart_retrain` retrains the selected variant from scratch even when `restart` is off."""
+    `restart_retrain` retrains the selected variant from scratch even when `restart` is off.
+    `restart_runs` retrains the named runs from scratch (`--restart-run NAME`), the others as usual."""
 
     device: str | None = None
     restart: bool = False
+    restart_runs: frozenset[str] = frozenset()
     shard: tuple[int, int] | None = None
     steal_locks: bool = False
     worker: bool = False
@@ -63,6 +66,7 @@ class StudyResult:
     waiting: list[str] = field(default_factory=list)  # runs of the whole study neither finished nor failed
     shard: tuple[int, int] | None = None
     writer: bool = True  # this process wrote the run folders (rank 0 under torchrun): it prints and reports
+    report: tuple[Path, Path] | None = None  # (html, md) when the study already wrote its report (for MLflow)
 
 
 @dataclass
@@ -86,8 +90,8 @@ def _check_same_config(folder: RunFolder, cfg: RunConfig) -> None:
         stored = None
     if stored != run_config_dict(cfg):
         raise ClasslabError(
-            f"{folder.path} holds a run with a different config; use --restart to retrain it, "
-            "or set out_dir to keep both"
+            f"{folder.path} holds a run with a different config; retrain this run alone with "
+            f"--restart-run {shlex.quote(folder.path.name)}, or set out_dir to keep both"
         )
 
 
@@ -121,8 +125,9 @@ def _write_run_files(folder: RunFolder, cfg: RunConfig, data: ImageData, model: 
 def _finish_run(prep: _Prepared, result: FitResult, device: torch.device) -> dict:
     """Evaluate the trained model on the test set; write predictions, then summary.json (last)."""
     data, model = prep.data, prep.model
-    test = evaluate_test(model, data.test.images, data.test.labels, BatchTransform(prep.pre, None, device),
-                         prep.cfg.train, len(data.classes), device)
+    test = evaluate_run(model, data, prep.pre, prep.cfg, device)  # + the eval section: temperature, TTA
+    if test.temperature is not None:
+        prep.folder.write_calibration(test.temperature)
     prep.folder.write_predictions(data.test.labels, test.probs, test.worst, data.test.images[test.worst])
     summary = run_summary(prep.cfg, data, result, test, parameter_count(model), device)
     prep.folder.write_summary(summary)
@@ -163,7 +168,8 @@ class _Trainer:
         return RunFolder(self.folder / run.config.name)
 
     def train(self, planned: list[PlannedRun], restart: bool) -> None:
-        todo = [p for p in planned if restart or not self.run_folder(p).is_complete]
+        todo = [p for p in planned if restart or p.config.name in self.options.restart_runs
+                or not self.run_folder(p).is_complete]
         # epochs already saved by interrupted runs are not trained again
         left = sum(max(p.config.train.epochs - len(_saved_epochs(self.run_folder(p))), 0) for p in todo)
         self.estimate = TimeEstimate(self.console, left)
@@ -232,13 +238,14 @@ class _Trainer:
         try:
             ready: list[_Prepared] = []
             for cfg, folder in group:
-                lock, held = self._claim(folder, restart)
+                restart_this = restart or cfg.name in self.options.restart_runs  # --restart-run NAME
+                lock, held = self._claim(folder, restart_this)
                 if held is not None:
                     _say(self.console, f"{cfg.name}: skipped, {held}", "yellow")
                     self.busy.append(cfg.name)
                     continue
                 locks.append(lock)
-                prep = self._prepare(cfg, folder, restart)
+                prep = self._prepare(cfg, folder, restart_this)
                 if isinstance(prep, dict):
                     self.summaries.append(prep)
                 else:
@@ -345,6 +352,10 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     if not writer:
         console = Console(quiet=True)  # rank 0 speaks for all
     restart, shard = options.restart, options.shard
+    unknown = sorted(options.restart_runs - {p.config.name for p in planned})
+    if unknown:
+        raise ClasslabError(f"--restart-run {unknown[0]}: no such run in {path}; runs: "
+                            f"{', '.join(p.config.name for p in planned)}")
     tracker = None
     try:
         mine = shard_runs(planned, shard) if shard is not None else planned
@@ -380,8 +391,9 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
         console.print(f"[dim]study finished in {time.perf_counter() - started:.1f}s[/]")
         waiting = [p.config.name for p in planned
                    if not trainer.run_folder(p).is_complete and not trainer.run_folder(p).is_failed]
+        report = None
         if tracker is not None:
-            tracker.close(trainer.failed, waiting, report=not options.worker)
+            report = tracker.close(trainer.failed, waiting, report=not options.worker, reference=selected)
     except BaseException as e:
         if tracker is not None:
             tracker.abort(e)
@@ -391,4 +403,4 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     place = {p.config.name: i for i, p in enumerate(planned)}  # the study's order (the report's), retrains last
     trainer.summaries.sort(key=lambda s: place.get(s["name"], len(place)))
     return StudyResult(study, folder, trainer.summaries, trainer.failed, selected, busy=trainer.busy,
-                       waiting=waiting, shard=shard, writer=writer)
+                       waiting=waiting, shard=shard, writer=writer, report=report)

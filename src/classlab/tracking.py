@@ -326,9 +326,12 @@ class StudyTracker:
 
     # ------------------------------------------------------------------------- the end of a study
 
-    def close(self, failed: list[str], waiting: list[str], report: bool = True) -> None:
-        """Log finished runs that have no MLflow run yet (trained before tracking was on), the report, and end the
-        parent run: FINISHED (or FAILED when a run failed) once no run of the study is left, else it stays open."""
+    def close(self, failed: list[str], waiting: list[str], report: bool = True, reference: str | None = None
+              ) -> tuple[Path, Path] | None:
+        """Log finished runs that have no MLflow run yet (trained before tracking was on), the report (made here,
+        with `reference` as the comparisons' reference; its paths are returned, so the CLI does not make it
+        again), and end the parent run: FINISHED (or FAILED when a run failed) once no run of the study is
+        left, else it stays open."""
         def finish() -> None:
             children = self._children()
             for folder in find_runs(self.folder):
@@ -345,26 +348,28 @@ class StudyTracker:
 
         self._guard(finish)
         if waiting:
-            return
-        if report:
-            self._guard(self.log_report)
+            return None
+        paths = self._guard(lambda: self.log_report(reference=reference)) if report else None
         self._guard(lambda: self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED"))
+        return paths
 
-    def log_report(self, paths: tuple[Path, Path] | None = None) -> None:
+    def log_report(self, paths: tuple[Path, Path] | None = None, reference: str | None = None
+                   ) -> tuple[Path, Path] | None:
         """The study's report (report.html, report.md and its files) as the parent run's artifacts; made here
-        unless `paths` (html, md) says where a caller has just written it."""
+        unless `paths` (html, md) says where a caller has just written it. Returns the paths."""
         from classlab.report import make_report
 
         try:
-            html, md = paths if paths is not None else make_report(self.folder)
+            html, md = paths if paths is not None else make_report(self.folder, reference=reference)[:2]
         except Exception as e:  # the report is a bonus here: `classlab report` can always re-make it
             self._warn(f"report not logged to MLflow: {type(e).__name__}: {one_line(e)[:200]}")
-            return
+            return None
         self.client.log_artifact(self.parent_id, str(html), "report")
         self.client.log_artifact(self.parent_id, str(md), "report")
         files = md.parent / f"{md.stem}_files"
         if files.is_dir():
             self.client.log_artifacts(self.parent_id, str(files), f"report/{files.name}")
+        return html, md
 
     def abort(self, error: BaseException) -> None:
         """Training stopped (Ctrl-C, an error): the runs in progress and the parent are marked killed / failed;
