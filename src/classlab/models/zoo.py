@@ -359,8 +359,9 @@ def build_zoo(cfg: ZooConfig, num_classes: int, in_shape: tuple[int, ...]) -> nn
     if cfg.pretrained != "none":
         state, origin = pretrained_state(cfg)
         load_backbone(model, state, origin, classifier, cfg.name)
-    if cfg.family == "torchvision" or cfg.head:
-        _set_head(model, classifier, cfg, num_classes)
+    # always a fresh nn.Linear (PyTorch's init): timm's own init of a small head (EfficientNet's uniform
+    # ±1/sqrt(classes)) gives 7-class logits in the tens on pretrained features, and a first loss near 10
+    _set_head(model, classifier, cfg, num_classes)
     if cfg.freeze != "none":
         freeze_all_but(model, list(cfg.freeze.all_but))
     return model
