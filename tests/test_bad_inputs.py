@@ -596,6 +596,68 @@ def _(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]
     return args, [str(tmp / "runs" / "toy" / "base" / "checkpoints" / "last.pt"), "No space left on device"]
 
 
+# --------------------------------------------------------------------------------------------- issue 15, item 8
+
+
+config_case("image-size-zero", {"data.image_size": [0, 28]}, "image_size", "[0, 28]", "at least 1 pixel")
+
+
+@case("data-root-is-a-file")
+def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    data = _idx(tmp)
+    file = data / "train-images-idx3-ubyte.gz"
+    args, _path = _run_study(tmp, {"data.root": str(file)})
+    return args, [f"data.root {file} is a file, not a folder", str(data)]
+
+
+@case("image-folder-root-is-a-file")
+def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    root = _png_folder(tmp / "photos")
+    file = root / "train" / "cat" / "000.png"
+    args = _folder_study(tmp, root)
+    study = yaml.safe_load(Path(args[1]).read_text())
+    study["data"]["root"] = str(file)
+    Path(args[1]).write_text(yaml.safe_dump(study))
+    return args, [f"data.root {file} is a file, not a folder"]
+
+
+@case("checkpoint-plain-text")
+def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    args, run = _fake_run_folder(tmp)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_text("not a checkpoint\n")
+    return args, [str(run / "checkpoints" / "last.pt"), "not a readable PyTorch checkpoint",
+                  "neither a zip archive nor a pickle", "--restart-run base"]
+
+
+def _no_stale_report(tmp: Path) -> None:
+    study = tmp / "runs" / "toy"
+    assert not (study / "report.html").exists() and not (study / "report.md").exists()
+
+
+@case("report-fails-removes-the-stale-report", check=_no_stale_report)
+def _(tmp: Path, _: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    _args, run = _fake_run_folder(tmp)
+    (run.parent / "report.html").write_text("<html>an old report</html>")
+    (run.parent / "report.md").write_text("an old report")
+    (run / "summary.json").write_text(json.dumps({"format": 99, "name": "base"}))
+    return ["report", str(run.parent)], [str(run / "summary.json"), "newer classlab"]
+
+
+def test_plain_text_checkpoint_is_not_said_to_carry_code(tmp_path: Path) -> None:
+    from classlab.errors import ClasslabError
+    from classlab.io import safe_torch_load
+
+    for text in ("not a checkpoint\n", "corrupt", ""):
+        (tmp_path / "best.pt").write_text(text)
+        with pytest.raises(ClasslabError) as raised:
+            safe_torch_load(tmp_path / "best.pt")
+        assert "neither a zip archive nor a pickle" in str(raised.value) and "code" not in str(raised.value)
+    (tmp_path / "best.pt").write_bytes(pickle.dumps({"model": _Evil()}))  # real pickled code: still said so
+    with pytest.raises(ClasslabError, match="carries Python objects or code"):
+        safe_torch_load(tmp_path / "best.pt")
+
+
 # --------------------------------------------------------------------------------------------- the test
 
 

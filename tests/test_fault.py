@@ -77,6 +77,7 @@ class Faults:
     reference: CliRun
     killed: Interruption
     interrupted: Interruption
+    terminated: Interruption  # SIGTERM (a scheduler's stop): as Ctrl-C; not run again (SIGINT's rerun covers it)
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +94,15 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faults]:
            "TORCH_HOME": str(tmp / "torch-home"), "COLUMNS": "200"}
     reference = start_cli_run(path, tmp / "reference", env, "first")
     victims = {signal.SIGKILL: start_cli_run(path, tmp / "killed", env, "first"),
-               signal.SIGINT: start_cli_run(path, tmp / "interrupted", env, "first")}
+               signal.SIGINT: start_cli_run(path, tmp / "interrupted", env, "first"),
+               signal.SIGTERM: start_cli_run(path, tmp / "terminated", env, "first")}
     procs = [reference, *victims.values()]
     try:
         done = _interrupt_in_epoch_2(victims)
-        for sig, proc in victims.items():
-            done[sig].rerun = start_cli_run(path, proc.out_dir, env, "again")
+        for sig in (signal.SIGKILL, signal.SIGINT):
+            done[sig].rerun = start_cli_run(path, victims[sig].out_dir, env, "again")
             procs.append(done[sig].rerun)
-        yield Faults(path, reference, done[signal.SIGKILL], done[signal.SIGINT])
+        yield Faults(path, reference, done[signal.SIGKILL], done[signal.SIGINT], done[signal.SIGTERM])
     finally:
         for proc in procs:
             if proc.popen.poll() is None:
@@ -152,6 +154,18 @@ def test_ctrl_c_saves_says_how_to_resume_and_exits_130(faults: Faults) -> None:
     _assert_saved_epoch_1_only(state)
     assert not state.temp_files
     _assert_resumed_and_equal(state, faults.reference)
+
+
+def test_sigterm_is_treated_like_ctrl_c(faults: Faults) -> None:
+    """SIGTERM (kill, a scheduler's stop): every finished epoch saved, one line with the resume command, 130."""
+    state = faults.terminated
+    assert state.code == 130, state.stderr
+    assert "Traceback" not in state.stderr
+    lines = [line for line in state.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: every finished epoch is saved"), state.stderr
+    assert f"resume with: classlab run {faults.study} -o out_dir=" in lines[0]
+    _assert_saved_epoch_1_only(state)
+    assert not state.temp_files
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint() -> None:

@@ -246,6 +246,13 @@ class DataConfig(Strict):
     def _square(cls, v: Any) -> Any:
         return (v, v) if isinstance(v, int) else v
 
+    @field_validator("resize", "image_size")
+    @classmethod
+    def _positive_size(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and min(v) < 1:
+            raise ValueError(f"[{v[0]}, {v[1]}]: height and width must be at least 1 pixel")
+        return v
+
 
 # ----------------------------------------------------------------------------- models
 

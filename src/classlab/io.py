@@ -109,6 +109,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
 def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """torch.load with weights_only=True: tensors and plain containers only, never code."""
+    _check_checkpoint_magic(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pickle-protocol notices; a refusal still raises
@@ -117,9 +118,41 @@ def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any
         raise ClasslabError(f"{path}: file not found") from None
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         text = str(e)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        if "Unsupported global" in text or "GLOBAL" in text or (
+                "eights only" in text and _pickle_refers_to_globals(path)):  # a pickled class or function: code
             raise ClasslabError(
                 f"{path}: refused to load: the file carries Python objects or code, not just tensors "
                 "(classlab loads checkpoints with weights_only=True)"
             ) from None
         raise ClasslabError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+
+
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save: a zip archive (since 1.6), else a pickle (protocol 2+)
+
+
+def _check_checkpoint_magic(path: Path) -> None:
+    """A file that is neither a zip archive nor a pickle is no PyTorch checkpoint at all (text, an image, an
+    empty file): say so, not that it carries code (torch's weights_only error says that for any bad pickle)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        raise ClasslabError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ClasslabError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not head.startswith(CHECKPOINT_MAGIC):
+        shown = "it is empty" if not head else f"it starts with {head[:12]!r}"
+        raise ClasslabError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle: {shown})")
+
+
+def _pickle_refers_to_globals(path: Path) -> bool:
+    """Whether a plain pickle file names Python globals (classes, functions: code when unpickled). Read with
+    pickletools, which only lists the opcodes and runs nothing; a torch zip archive or a broken pickle: False.
+    Why: torch's weights_only refusal of a protocol-4 pickle names an opcode, not the global behind it."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as f:
+            return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ") for op, _, _ in pickletools.genops(f))
+    except Exception:  # not a pickle, truncated, unreadable
+        return False

@@ -67,6 +67,14 @@ class PhotoOptions:
     margin: float = 0.0
     alpha_on: AlphaOn = "auto"
     max_side: int | None = WORK_SIDE
+    # how the dataset frames its objects: "box" centres the object's bounding box (Fashion-MNIST: its long
+    # side fills the frame when margin is 0); "mass" scales the bounding box's long side to 1 / (1 + 2 margin)
+    # of the frame and puts the centre of mass where the dataset's are (MNIST: 20 px in 28, at (14, 14))
+    frame: Literal["box", "mass"] = "box"
+    # the brightest border (mean of the ring, 0-1) of the dataset's own images: an image at the run's size
+    # whose border is this dark is in the dataset's polarity already (no inversion, no background step),
+    # and left unchanged when its object is framed as the dataset's are; None: never assumed
+    dataset_border: float | None = None
 
 
 PLAIN = PhotoOptions(grayscale=False, invert="no", background=False, crop=False, alpha_on="black", max_side=None)
@@ -198,16 +206,16 @@ def object_box(a: np.ndarray, margin: float, size: tuple[int, int]) -> tuple[int
 
 
 def widen(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Grow a box around its centre to the aspect of `size` (extra pixel after), so resizing keeps aspect."""
+    """Grow a box around its centre to the aspect of `size` (an odd extra pixel before, as Fashion-MNIST pads), so resizing keeps aspect."""
     y0, y1, x0, x1 = box
     bh, bw = y1 - y0, x1 - x0
     th, tw = size
     if bh * tw >= bw * th:  # taller than the target: widen
         nw = -(-bh * tw // th)
-        x0 -= (nw - bw) // 2
+        x0 -= (nw - bw + 1) // 2
         return y0, y1, x0, x0 + nw
     nh = -(-bw * th // tw)
-    y0 -= (nh - bh) // 2
+    y0 -= (nh - bh + 1) // 2
     return y0, y0 + nh, x0, x1
 
 
@@ -235,7 +243,10 @@ def resize_float(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def prepare(img: Image.Image, shape: tuple[int, int, int], options: PhotoOptions) -> Prepared:
-    """Run the steps of the module docstring; `shape` is the C×H×W the run's images were stored at."""
+    """Run the steps of the module docstring; `shape` is the C×H×W the run's images were stored at.
+
+    An image already in the dataset's form (the run's size, a border as dark as the dataset's, its object
+    framed as the dataset frames objects) comes out unchanged: every step is the identity on it."""
     c, h, w = shape
     gray = c == 1 or options.grayscale
     steps: dict = {"decoded_size": list(img.size), "grayscale": gray}
@@ -244,22 +255,114 @@ def prepare(img: Image.Image, shape: tuple[int, int, int], options: PhotoOptions
         img8 = img8.resize((w, h), Image.BILINEAR)
     a = np.asarray(img8, dtype=np.float32)
     a = a[..., None] if a.ndim == 2 else a
-    inverted = options.invert == "yes" or (options.invert == "auto" and should_invert(a))
+    at_size = a.shape[:2] == (h, w)
+    as_dataset = at_size and _dark_border(a, options)
+    if options.invert == "auto" and at_size and not as_dataset and _dark_border(255.0 - a, options):
+        inverted = True  # the dataset's form, inverted: polarity from the border, as for the dataset's images
+    else:
+        inverted = options.invert == "yes" or (options.invert == "auto" and not as_dataset and should_invert(a))
     if inverted:
         a = 255.0 - a
+        as_dataset = at_size and _dark_border(a, options)
     steps["inverted"] = inverted
-    if options.background:
+    if options.background and not as_dataset:
         a, steps["background_level"] = to_black_background(a)
     if options.crop:
-        box = object_box(a, options.margin, (h, w))
-        steps["object_found"] = box is not None
-        box = box or widen((0, a.shape[0], 0, a.shape[1]), (h, w))  # blank: the whole frame, aspect kept
-        steps["box"] = [box[2], box[0], box[3], box[1]]  # x0, y0, x1, y1 in the decoded photo
-        a = resize_float(take_box(a, box, border_level(a)), (h, w))
+        if as_dataset and is_framed(a, options):
+            steps["object_found"], steps["framed_as_dataset"] = True, True
+        elif options.frame == "mass":
+            a = frame_by_mass(a, options.margin, (h, w), steps)
+        else:
+            box = object_box(a, options.margin, (h, w))
+            steps["object_found"] = box is not None
+            box = box or widen((0, a.shape[0], 0, a.shape[1]), (h, w))  # blank: the whole frame, aspect kept
+            steps["box"] = [box[2], box[0], box[3], box[1]]  # x0, y0, x1, y1 in the decoded photo
+            a = resize_float(take_box(a, box, border_level(a)), (h, w))
     if c == 3 and a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     image = np.clip(np.rint(a), 0, 255).astype(np.uint8).transpose(2, 0, 1).copy()
     return Prepared(image=image, steps=steps)
+
+
+def _dark_border(a: np.ndarray, options: PhotoOptions) -> bool:
+    return options.dataset_border is not None and float(border_ring(a).mean()) / 255.0 <= options.dataset_border
+
+
+def object_fill(margin: float) -> float:
+    """The object's long side as a fraction of the frame that a crop margin gives (margin 0.2: 20 px in 28)."""
+    return 1.0 / (1.0 + 2.0 * margin)
+
+
+def mass_centre(lum: np.ndarray) -> tuple[float, float]:
+    """(y, x) centre of mass of an H×W luminance array, in pixel indices."""
+    total = float(lum.sum())
+    if total <= 0:
+        return (lum.shape[0] - 1) / 2, (lum.shape[1] - 1) / 2
+    return (float(lum.sum(axis=1) @ np.arange(lum.shape[0])) / total,
+            float(lum.sum(axis=0) @ np.arange(lum.shape[1])) / total)
+
+
+def framing(lum: np.ndarray, frame: str) -> tuple[int, float, float] | None:
+    """(long side of the object's bounds, centre y, centre x) as `frame` measures them; None when blank."""
+    bounds = object_bounds(lum)
+    if bounds is None:
+        return None
+    y0, y1, x0, x1 = bounds
+    if frame == "mass":
+        cy, cx = mass_centre(lum)
+    else:
+        cy, cx = (y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2
+    return max(y1 - y0, x1 - x0), cy, cx
+
+
+FRAMED_SIZE = 0.25  # an object this fraction of the frame below the dataset's size (or 1.5 px above) ...
+FRAMED_SHIFT = {"mass": 1.5, "box": 2.5}  # ... or its centre this many pixels off the dataset's: reframed
+
+
+def is_framed(a: np.ndarray, options: PhotoOptions) -> bool:
+    """Whether an image at the run's size has its object framed as the dataset's: its size and centre
+    within the spread of the dataset's own images (MNIST: 20 px, centre of mass within 1 px of (14, 14);
+    Fashion-MNIST: long side 21-28 px, box within 2.5 px of the centre)."""
+    h, w = a.shape[:2]
+    measured = framing(a.mean(axis=2), options.frame)
+    if measured is None:
+        return True  # blank: nothing to frame
+    long, cy, cx = measured
+    target = object_fill(options.margin) * max(h, w)
+    centre = (h / 2, w / 2) if options.frame == "mass" else ((h - 1) / 2, (w - 1) / 2)
+    shift = FRAMED_SHIFT[options.frame]
+    return (target - FRAMED_SIZE * max(h, w) <= long <= target + 1.5
+            and abs(cy - centre[0]) <= shift and abs(cx - centre[1]) <= shift)
+
+
+def frame_by_mass(a: np.ndarray, margin: float, size: tuple[int, int], steps: dict) -> np.ndarray:
+    """MNIST's framing: scale so the object's bounds' long side is object_fill(margin) of the frame (20 px in
+    28), and place its centre of mass at (H/2, W/2) in pixel indices, as MNIST's digits sit; one resampling
+    (area average when shrinking, bilinear when enlarging) of a sub-pixel box, so the centre is exact."""
+    h, w = size
+    lum = a.mean(axis=2)
+    measured = framing(lum, "mass")
+    steps["object_found"] = measured is not None
+    if measured is None:  # blank: the whole frame, aspect kept
+        box = widen((0, a.shape[0], 0, a.shape[1]), size)
+        steps["box"] = [box[2], box[0], box[3], box[1]]
+        return resize_float(take_box(a, box, border_level(a)), size)
+    long, cy, cx = measured
+    scale = object_fill(margin) * max(h, w) / long  # output pixels per photo pixel
+    # continuous coordinates (pixel i spans [i, i+1]): the centre of mass, at cy + 0.5, goes to h / 2 + 0.5
+    y0, x0 = cy + 0.5 - (h / 2 + 0.5) / scale, cx + 0.5 - (w / 2 + 0.5) / scale
+    y1, x1 = y0 + h / scale, x0 + w / scale
+    steps["box"] = [round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2)]
+    pad = int(np.ceil(max(0.0, -y0, -x0, y1 - a.shape[0], x1 - a.shape[1]))) + 1
+    fill = border_level(a)
+    padded = np.empty((a.shape[0] + 2 * pad, a.shape[1] + 2 * pad, a.shape[2]), dtype=np.float32)
+    padded[...] = fill
+    padded[pad: pad + a.shape[0], pad: pad + a.shape[1]] = a
+    resample = Image.BOX if scale <= 1 else Image.BILINEAR
+    box = (x0 + pad, y0 + pad, x1 + pad, y1 + pad)
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(padded[..., k])).resize((w, h), resample, box=box))
+              for k in range(a.shape[2])]
+    return np.stack(planes, axis=2)
 
 
 # ----------------------------------------------------------------------------- input check

@@ -145,8 +145,21 @@ def _fer(cfg: DataConfig) -> RawData:
     return _image_folder(cfg.model_copy(update={"channels": cfg.channels or 1}))
 
 
+FILE_ROOTS = ("fer2013",)  # datasets whose data.root may be a file (fer2013.csv); the others need a folder
+
+
+def _check_root_is_folder(cfg: DataConfig) -> None:
+    """A file given as data.root is said to be a file (every loader would otherwise call it missing)."""
+    if cfg.root and cfg.dataset not in FILE_ROOTS:
+        root = Path(cfg.root).expanduser()
+        if root.is_file():
+            raise ClasslabError(f"data.root {root} is a file, not a folder; for dataset '{cfg.dataset}' set "
+                                f"data.root to the folder holding it (e.g. {root.parent})")
+
+
 def load_dataset(cfg: DataConfig) -> ImageData:
     """Decode (or reuse) the source, then apply subset, relabel and the validation split."""
+    _check_root_is_folder(cfg)
     raw = DATASETS.create(cfg.dataset, cfg)
     splits = dict(raw.splits)
     if "test" not in splits:

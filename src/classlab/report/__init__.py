@@ -14,6 +14,7 @@ from classlab.report.render import write_pages
 from classlab.runs import atomic_write_json
 
 COMPARISON_JSON = "comparison.json"
+REPORT_FILES = ("report.html", "report.md", COMPARISON_JSON)  # what make_report writes (report_files/ aside)
 
 
 def make_report(study_folder: str | Path, reference: str | None = None) -> tuple[Path, Path]:
@@ -22,11 +23,17 @@ def make_report(study_folder: str | Path, reference: str | None = None) -> tuple
     `reference`: the variant every other is compared against (the study's selected cell); default: the
     variant a `retrain-` run retrained, else the first variant."""
     folder = Path(study_folder)
-    runs, failed = load_study_runs(folder)
-    tests = study_evidence(runs, reference)
-    atomic_write_json(folder / COMPARISON_JSON, {"study": folder.resolve().name, **tests})
-    context, figures = build_context(folder.resolve().name, runs, failed, tests=tests)
-    return write_pages(folder, "report", context, figures)
+    try:
+        runs, failed = load_study_runs(folder)
+        tests = study_evidence(runs, reference)
+        atomic_write_json(folder / COMPARISON_JSON, {"study": folder.resolve().name, **tests})
+        context, figures = build_context(folder.resolve().name, runs, failed, tests=tests)
+        return write_pages(folder, "report", context, figures)
+    except Exception:
+        # a report that could not be re-made no longer describes the run folders: never leave it as if current
+        for name in REPORT_FILES:
+            (folder / name).unlink(missing_ok=True)
+        raise
 
 
 __all__ = ["COMPARISON_JSON", "make_report"]
