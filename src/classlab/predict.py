@@ -24,6 +24,7 @@ from classlab.inference import LoadedRun, load_run, predict_images
 from classlab.io import atomic_write_bytes
 from classlab.photo import (
     PLAIN,
+    STATS_TOLERANCE,
     WORK_SIDE,
     PhotoError,
     PhotoOptions,
@@ -38,6 +39,8 @@ from classlab.photo import (
 # ((28 / 20 - 1) / 2 = 0.2); Fashion-MNIST products fill the frame on their long side.
 DEFAULT_MARGIN = {"mnist": 0.2, "fashion-mnist": 0.0, "demo": 0.0}
 OTHER_MARGIN = 0.1
+# Datasets that centre each object by its centre of mass (MNIST); the others centre its bounding box.
+MASS_FRAMED = ("mnist",)
 CHUNK = 256  # files decoded and predicted together
 THUMBNAIL = 512
 
@@ -69,7 +72,8 @@ def photo_options(run: LoadedRun, prepare_photo: bool | None = None, grayscale: 
     """The run's defaults (photo preparation for MNIST-style runs, the loader's plain path otherwise),
     with any step switched by the caller."""
     on = run.mnist_style if prepare_photo is None else prepare_photo
-    base = PhotoOptions(margin=_default_margin(run)) if on else PLAIN
+    base = PhotoOptions(margin=_default_margin(run), frame=_frame(run), dataset_border=_dataset_border(run)) \
+        if on else PLAIN
     if not on and run.stored_shape[0] == 1:
         base = dataclasses.replace(base, grayscale=True)
     changes = {k: v for k, v in {"grayscale": grayscale, "invert": invert, "background": background,
@@ -84,6 +88,18 @@ def photo_options(run: LoadedRun, prepare_photo: bool | None = None, grayscale: 
     if options.crop and options.max_side is None:  # cropping works on floats: bound the working size
         options = dataclasses.replace(options, max_side=WORK_SIDE)
     return options
+
+
+def _frame(run: LoadedRun) -> str:
+    return "mass" if run.config.data.dataset in MASS_FRAMED else "box"
+
+
+def _dataset_border(run: LoadedRun) -> float | None:
+    """The brightest border of the run's training images (plus the input check's tolerance), or None."""
+    ring = run.stats.get("border_mean_range")
+    if ring is None:
+        return None
+    return round(float(ring[1]) + float(run.stats.get("tolerance", STATS_TOLERANCE)), 4)
 
 
 def _default_margin(run: LoadedRun) -> float:
