@@ -110,7 +110,8 @@ def plot_png(result: LrFindResult) -> bytes:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     ax.plot(result.lrs, result.losses, color="#bbbbbb", linewidth=0.8, label="loss per step")
-    ax.plot(result.lrs, result.smoothed, color="#1f77b4", linewidth=1.6, label=f"smoothed (EMA β={SMOOTHING}, forward + backward)")
+    ax.plot(result.lrs, result.smoothed, color="#1f77b4", linewidth=1.6,
+            label=f"smoothed (EMA β={SMOOTHING}, forward + backward)")
     ax.axvline(result.suggested, color="#d62728", linestyle="--",
                label=f"steepest descent: {result.suggested:.2g}")
     ax.axvline(result.min_over_10, color="#2ca02c", linestyle=":", label=f"minimum / 10: {result.min_over_10:.2g}")

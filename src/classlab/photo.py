@@ -206,7 +206,8 @@ def object_box(a: np.ndarray, margin: float, size: tuple[int, int]) -> tuple[int
 
 
 def widen(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Grow a box around its centre to the aspect of `size` (an odd extra pixel before, as Fashion-MNIST pads), so resizing keeps aspect."""
+    """Grow a box around its centre to the aspect of `size` (an odd extra pixel before, as Fashion-MNIST
+    pads), so resizing keeps aspect."""
     y0, y1, x0, x1 = box
     bh, bw = y1 - y0, x1 - x0
     th, tw = size
