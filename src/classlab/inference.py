@@ -44,6 +44,8 @@ class LoadedRun:
     stats_source: str
     checkpoint: str
     finished: bool
+    temperature: float | None = None  # temperature.json's (eval.temperature_scaling): logits are divided by it
+    tta: tuple[str, ...] = ()  # the run's eval.tta views: probabilities are averaged over them
 
     @property
     def stored_shape(self) -> tuple[int, int, int]:
@@ -89,8 +91,10 @@ def load_run(path: str | Path, device: str = "auto") -> LoadedRun:
         raise ClasslabError(f"{checkpoint}: weights do not fit the run's model ({one_line(e)[:200]})") from None
     dev = resolve_device(device)
     stats, source = _stats(folder, pre, cfg.data.dataset in MNIST_STYLE)
+    calibration = folder.read_calibration()
     return LoadedRun(folder.path, cfg, pre, model.to(dev).eval(), dev, stats, source, str(checkpoint),
-                     folder.is_complete)
+                     folder.is_complete, float(calibration["temperature"]) if calibration else None,
+                     tuple(cfg.eval.tta))
 
 
 def _stats(folder: RunFolder, pre: Preprocess, dark_background: bool) -> tuple[dict, str]:
@@ -110,7 +114,15 @@ def transform(run: LoadedRun, normalize: bool = True) -> BatchTransform:
 
 
 def predict_images(run: LoadedRun, images: np.ndarray, normalize: bool = True) -> np.ndarray:
-    """Class probabilities (N×K float32) for uint8 N×C×H×W images at the run's stored shape."""
+    """Class probabilities (N×K float32) for uint8 N×C×H×W images at the run's stored shape: the logits divided
+    by the run's fitted temperature (if any), averaged over its test-time augmentation views (if any), as its
+    test evaluation computed them."""
+    from classlab.tta import tta_probs
+
     batch = torch.from_numpy(np.ascontiguousarray(images))
+    t = run.temperature or 1.0
+    if run.tta:
+        probs, _ = tta_probs(run.model, batch, transform(run, normalize), BATCH, run.device, run.tta, t)
+        return probs.float().cpu().numpy()
     logits = predict_logits(run.model, batch, transform(run, normalize), BATCH, run.device)
-    return logits.float().softmax(1).cpu().numpy()
+    return (logits.float() / t).softmax(1).cpu().numpy()

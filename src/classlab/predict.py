@@ -261,6 +261,22 @@ def save_figure(path: Path, result: Prediction, classes: tuple[str, ...], top_k:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+CAM_CLASSES = 3  # --cam: maps for at most this many of the top classes
+
+
+def save_cam_figure(path: Path, run: LoadedRun, result: Prediction, top_k: int) -> None:
+    """`--cam`: the prepared photo and a Grad-CAM overlay for each of its top classes (at most CAM_CLASSES)."""
+    from classlab.cam import image_cams, save_photo_cams, target_layer
+
+    found = target_layer(run.model)
+    if found is None:
+        raise ClasslabError("--cam: this run's model has no convolution, so it has no class-activation map")
+    top = result.top(min(top_k, CAM_CLASSES), run.classes)
+    image = result.prepared.image
+    maps = image_cams(run.model, run.pre, np.stack([image] * len(top)), [i for _, i, _ in top], run.device)
+    save_photo_cams(path, result.path.name, image, maps, [f"{c} ({p:.1%})" for c, _, p in top], found[0])
+
+
 def print_table(console, result: Prediction, classes: tuple[str, ...], top_k: int) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -275,7 +291,7 @@ def print_table(console, result: Prediction, classes: tuple[str, ...], top_k: in
 
 def run_predict(run_path: str | Path, inputs: list[str | Path], top_k: int = 3, as_json: bool = False,
                 csv_path: Path | None = None, show: Path | None = None, device: str = "auto",
-                normalize: bool = True, console=None, err=None, **steps) -> int:
+                normalize: bool = True, console=None, err=None, cam: Path | None = None, **steps) -> int:
     """`classlab predict`: a table (or JSON) per image, optional CSV and figures; returns the exit code
     (1 when any image failed, each failure one line on `err`)."""
     import sys
@@ -292,11 +308,17 @@ def run_predict(run_path: str | Path, inputs: list[str | Path], top_k: int = 3, 
     options = photo_options(run, **steps)
     items = expand_inputs(inputs)
     figures = figure_paths(show, items) if show is not None else [None] * len(items)
+    cams = figure_paths(cam, items) if cam is not None else [None] * len(items)
+    if cam is not None:
+        from classlab.cam import target_layer
+
+        if target_layer(run.model) is None:
+            raise ClasslabError("--cam: this run's model has no convolution, so it has no class-activation map")
     if not run.finished:
         err.write(f"note: {run.path} has not finished training; using {run.checkpoint}\n")
     results: list[Prediction | Failure] = []
-    for result, figure in zip(predict_paths(run, items, options, normalize, keep_original=show is not None),
-                              figures, strict=True):
+    for result, figure, cam_path in zip(predict_paths(run, items, options, normalize, keep_original=show is not None),
+                                        figures, cams, strict=True):
         results.append(result)
         if isinstance(result, Failure):
             err.write(f"{result.path}: {one_line(result.message)}\n")
@@ -305,6 +327,8 @@ def run_predict(run_path: str | Path, inputs: list[str | Path], top_k: int = 3, 
             err.write(f"{result.path}: warning: {warning}\n")
         if not as_json:
             print_table(console, result, run.classes, top_k)
+        if cam_path is not None:
+            save_cam_figure(cam_path, run, result, top_k)
         if figure is not None:
             save_figure(figure, result, run.classes, top_k)
             result.prepared.original = None

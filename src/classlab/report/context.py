@@ -21,7 +21,8 @@ from classlab.report.sanity import is_permuted, originals, sanity_notes
 
 TOP_CONFUSED = 5
 CHECKS = ("test accuracy near chance", "validation accuracy far above training accuracy",
-          "a pixel-permuted run beating its original by more than the noise", "classes with no test images")
+          "a pixel-permuted run beating its original by more than the noise", "classes with no test images",
+          "Grad-CAM maps of a pixel-permuted run against its original's")
 
 
 def slug(text: str) -> str:
@@ -198,6 +199,7 @@ def run_rows(runs: list[RunData]) -> list[dict[str, Any]]:
     for run in runs:
         s = run.summary
         rows.append({"name": run.name, "seed": s.get("seed", ""), "accuracy": pct(s["test"]["accuracy"]),
+                     "balanced_accuracy": balanced(s) or "—",
                      "loss": f"{s['test']['loss']:.4f}", "macro_f1": f"{s['test']['macro']['f1']:.4f}",
                      "epochs": s.get("epochs_run", len(run.metrics)), "best_epoch": s.get("best_epoch", ""),
                      "stopped_early": "yes" if s.get("stopped_early") else "no",
@@ -282,7 +284,116 @@ def run_section(index: int, run: RunData, permuted_of: dict[str, str]) -> tuple[
         "confused": confused_pairs(s["test"]["confusion_matrix"], run.classes),
         "model": model_table(run),
     }
-    return section, figures + ([mistakes] if mistakes else [])
+    views, view_figures = understanding(run, stem)
+    section.update(views)
+    return section, figures + ([mistakes] if mistakes else []) + view_figures
+
+
+# ----------------------------------------------------------------------------- understanding the model
+
+
+def balanced(summary: dict) -> str | None:
+    value = summary["test"].get("balanced_accuracy")
+    return pct(value) if value is not None else None
+
+
+def with_balanced_accuracy(rows: list[dict[str, Any]], runs: list[RunData]) -> list[dict[str, Any]]:
+    """Each comparison row with its variant's test balanced accuracy (mean ± std over seeds; — for runs whose
+    summary predates it)."""
+    from classlab.comparison import stat
+
+    values: dict[str, list[float]] = {}
+    for run in runs:
+        value = run.summary["test"].get("balanced_accuracy")
+        if value is not None:
+            values.setdefault(variant_of(run.name), []).append(value)
+    return [{**row, "balanced_accuracy": stat(values[row["variant"]]).format(100) if row["variant"] in values
+             else "—"} for row in rows]
+
+
+def class_distribution(run: RunData) -> dict[str, Any] | None:
+    """Images per class in each split (summary.json's data.class_counts), with each class's share."""
+    counts = (run.summary.get("data") or {}).get("class_counts")
+    if not counts:
+        return None
+    splits = [name for name in ("train", "val", "test") if counts.get(name)]
+    totals = {name: sum(counts[name]) for name in splits}
+    rows = [{"name": c, "cells": [f"{counts[n][i]} ({counts[n][i] / totals[n] * 100:.1f}%)" if totals[n] else "0"
+                                  for n in splits]} for i, c in enumerate(run.classes)]
+    train = [c for c in counts.get("train", []) if c > 0]
+    ratio = f"{max(train) / min(train):.1f}" if train else None
+    return {"splits": ["validation" if n == "val" else n for n in splits], "rows": rows,
+            "totals": [totals[n] for n in splits], "imbalance": ratio}
+
+
+def calibration(run: RunData, key: str) -> tuple[dict[str, Any] | None, plots.Plot | None]:
+    """ECE and the reliability diagram: from summary.json's "calibration" (before and after temperature
+    scaling), else (an older run) from the probabilities in predictions.npz."""
+    cal = run.summary.get("calibration")
+    if cal is None:
+        pred = run.predictions or {}
+        if "probs" not in pred or "y_true" not in pred:
+            return None, None
+        import torch
+
+        from classlab.evaluate import ece_of, reliability_bins
+
+        rel = reliability_bins(torch.from_numpy(pred["probs"]), torch.from_numpy(pred["y_true"]).long())
+        cal = {"temperature": None, "ece": ece_of(rel), "reliability": rel}
+    t = cal.get("temperature")
+    panels = [("test set", cal["reliability"], cal["ece"])]
+    if t is not None:
+        panels = [("before temperature scaling", cal["reliability_before"], cal["ece_before"]),
+                  (f"after (T = {t:.3f})", cal["reliability"], cal["ece"])]
+    figure = plots.reliability_diagram(panels, key, run.name)
+    view = {"ece": f"{cal['ece']:.4f}", "temperature": f"{t:.3f}" if t is not None else None,
+            "ece_before": f"{cal['ece_before']:.4f}" if t is not None else None,
+            "loss_before": f"{cal['loss_before']:.4f}" if t is not None and "loss_before" in cal else None,
+            "val": cal.get("val"), "figure": figure}
+    return view, figure
+
+
+def tta_view(run: RunData) -> dict[str, Any] | None:
+    tta = run.summary.get("test_tta")
+    if not tta:
+        return None
+    plain = run.summary["test"]["accuracy"]
+    return {"views": ", ".join(tta["views"]), "accuracy": pct(tta["accuracy"]), "plain": pct(plain),
+            "diff": points(tta["accuracy"] - plain), "balanced_accuracy": pct(tta["balanced_accuracy"]),
+            "macro_f1": f"{tta['macro_f1']:.4f}", "ece": f"{tta['ece']:.4f}"}
+
+
+def cam_view(run: RunData, key: str) -> tuple[dict[str, Any] | None, plots.Plot | None]:
+    """Grad-CAM maps of the predicted class on the worst mistakes, from the run's own checkpoint (on the CPU);
+    {"reason": ...} when there are none (no mistakes stored, no convolution, no loadable checkpoint)."""
+    pred = run.predictions
+    if not pred or "worst_images" not in pred or len(pred["worst_images"]) == 0:
+        return None, None
+    from classlab.cam import run_cams, spatial_autocorrelation
+
+    index = pred["worst_index"]
+    guess = [int(p) for p in pred["y_pred"][index]]
+    try:
+        maps, layer = run_cams(run.path, pred["worst_images"], guess)
+    except Exception as e:  # an optional figure: the section says why it is missing, the report goes on
+        return {"figure": None, "layer": None, "autocorrelation": None, "smoothness": "—",
+                "reason": " ".join(str(e).split())[:200] or type(e).__name__}, None
+    classes = run.classes
+    figure = plots.cam_grid(pred["worst_images"], maps, [classes[int(t)] for t in pred["y_true"][index]],
+                            [classes[g] for g in guess], [float(pred["probs"][i, g]) for i, g in
+                                                          zip(index, guess, strict=True)], key, run.name, layer)
+    autocorrelation = spatial_autocorrelation(maps)
+    return {"figure": figure, "layer": layer, "reason": None, "autocorrelation": autocorrelation,
+            "smoothness": f"{autocorrelation:.2f}" if autocorrelation is not None else "—"}, figure
+
+
+def understanding(run: RunData, stem: str) -> tuple[dict[str, Any], list[plots.Plot]]:
+    """The run section's balanced accuracy, class distribution, calibration, TTA and Grad-CAM parts."""
+    cal, reliability = calibration(run, f"{stem}-reliability")
+    cam, cam_figure = cam_view(run, f"{stem}-gradcam")
+    views = {"balanced_accuracy": balanced(run.summary), "distribution": class_distribution(run),
+             "calibration": cal, "tta": tta_view(run), "cam": cam}
+    return views, [f for f in (reliability, cam_figure) if f is not None]
 
 
 def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun], reference: str | None = None,
@@ -306,10 +417,12 @@ def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun],
         section, run_figures = run_section(i, run, permuted_of)
         sections.append(section)
         figures += run_figures
+    cam_scores = {s["name"]: s["cam"]["autocorrelation"] for s in sections
+                  if s["cam"] and s["cam"].get("autocorrelation") is not None}
     context = {
         "study": study_name, "version": __version__, "n_runs": len(runs),
-        "notes": sanity_notes(rows, runs) if runs else [], "checks": CHECKS,
-        "comparison": comparison_rows(rows, permuted_of, tests["rows"]),
+        "notes": sanity_notes(rows, runs, cam_scores) if runs else [], "checks": CHECKS,
+        "comparison": with_balanced_accuracy(comparison_rows(rows, permuted_of, tests["rows"]), runs),
         "multi_seed": any(r.accuracy.n > 1 for r in rows),
         "reference": tests["reference"], "evidence": evidence_rows(tests["rows"]),
         "evidence_tests": list(dict.fromkeys(t["test"] for t in tests["rows"] if t["test"])),

@@ -349,3 +349,57 @@ def disagreement_gallery(blocks: list[tuple[str, np.ndarray | list, list[str]]],
             row += math.ceil(len(images) / cols)
         fig.suptitle(drawable(title))
         return Plot(key, f"test images one variant gets right and the other wrong: {title}", _png(fig))
+
+
+def reliability_diagram(panels: list[tuple[str, dict, float]], key: str, title: str) -> Plot:
+    """One panel per (label, reliability bins, ECE): accuracy per equal-width confidence bin against the
+    diagonal (perfect calibration), the gap shaded, and the share of predictions per bin below."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 4.8), squeeze=False,
+                                 gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+        for col, (label, rel, ece) in enumerate(panels):
+            bins = rel["bins"]
+            centres = (np.arange(bins) + 0.5) / bins
+            count = np.asarray(rel["count"], dtype=float)
+            have = count > 0
+            acc = np.array([a if a is not None else np.nan for a in rel["accuracy"]], dtype=float)
+            conf = np.array([c if c is not None else np.nan for c in rel["confidence"]], dtype=float)
+            ax = axes[0, col]
+            ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+            ax.bar(centres[have], acc[have], width=1 / bins, edgecolor="tab:blue", color="tab:blue", alpha=0.6,
+                   label="accuracy")
+            ax.bar(centres[have], (conf - acc)[have], bottom=acc[have], width=1 / bins, color="tab:red",
+                   alpha=0.25, edgecolor="tab:red", hatch="//", label="gap to mean confidence")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("accuracy")
+            ax.set_title(f"{drawable(label)}: ECE {ece:.4f}")
+            ax.legend(fontsize=7, loc="upper left")
+            share = axes[1, col]
+            share.bar(centres, count / max(count.sum(), 1), width=1 / bins, color="grey")
+            share.set_xlabel("confidence (top-class probability)")
+            share.set_ylabel("share")
+        fig.suptitle(f"{drawable(title)}: reliability on the test set ({panels[0][1]['bins']} bins)")
+        fig.tight_layout()
+        return Plot(key, f"reliability diagram of {title}", _png(fig))
+
+
+def cam_grid(images: np.ndarray, maps: np.ndarray, true: list[str], pred: list[str], prob: list[float],
+             key: str, title: str, layer: str, cols: int = 8) -> Plot:
+    """The worst mistakes, each with its Grad-CAM map for the predicted class overlaid (jet, translucent)."""
+    n = len(images)
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.2 * rows + 0.3), squeeze=False,
+                                 layout="constrained")
+        for ax in axes.flat:
+            ax.axis("off")
+        for i in range(n):
+            ax = axes.flat[i]
+            img, cmap = to_hwc(images[i])
+            ax.imshow(img, cmap=cmap, vmin=0, vmax=255)
+            ax.imshow(maps[i], cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+            ax.set_title(f"true: {short(true[i], 14)}\npred: {short(pred[i], 14)}\np = {prob[i]:.2f}", fontsize=7)
+        fig.suptitle(f"{drawable(title)}: Grad-CAM of the predicted class on the worst mistakes ({drawable(layer)})")
+        return Plot(key, f"Grad-CAM maps on the worst test mistakes of {title}", _png(fig))

@@ -133,6 +133,32 @@ def no_test_images(runs: list[RunData]) -> list[Note]:
             for missing, names in by_missing.items()]
 
 
-def sanity_notes(rows: list[VariantRow], runs: list[RunData]) -> list[Note]:
+def permuted_cam_noise(runs: list[RunData], cam_autocorrelation: dict[str, float]) -> list[Note]:
+    """A pixel-permuted variant whose Grad-CAM maps (brought back through the permutation onto the image)
+    look like noise next to its original's: neighbouring map pixels nearly uncorrelated in the permuted run
+    (below cam.NOISE_AUTOCORRELATION) while the original's maps are smooth (cam.SMOOTH_AUTOCORRELATION)."""
+    from classlab.cam import NOISE_AUTOCORRELATION, SMOOTH_AUTOCORRELATION
+
+    def mean(variant: str) -> float | None:
+        values = [cam_autocorrelation[r.name] for r in runs
+                  if variant_of(r.name) == variant and cam_autocorrelation.get(r.name) is not None]
+        return sum(values) / len(values) if values else None
+
+    notes = []
+    for permuted, original in originals(runs).items():
+        p, o = mean(permuted), mean(original)
+        if p is None or o is None or not (p < NOISE_AUTOCORRELATION and o >= SMOOTH_AUTOCORRELATION):
+            continue
+        notes.append(Note("permuted_cam_noise", permuted,
+                          f"{permuted} (pixels permuted): its Grad-CAM maps, mapped back onto the image, look like "
+                          f"noise next to {original}'s: neighbouring map pixels correlate {p:.2f} against "
+                          f"{o:.2f} (below {NOISE_AUTOCORRELATION} reads as noise). As expected: after a fixed "
+                          "permutation the CNN's evidence is not tied to places in the image."))
+    return notes
+
+
+def sanity_notes(rows: list[VariantRow], runs: list[RunData],
+                 cam_autocorrelation: dict[str, float] | None = None) -> list[Note]:
+    """`cam_autocorrelation`: run name -> spatial autocorrelation of its Grad-CAM maps (report.context)."""
     return (near_chance(rows, runs) + val_above_train(runs) + permuted_beats_original(rows, runs)
-            + no_test_images(runs))
+            + no_test_images(runs) + permuted_cam_noise(runs, cam_autocorrelation or {}))
