@@ -53,6 +53,25 @@ def test_run_folder_contents(idx_folder, tmp_path):
     assert not list(folder.path.rglob("*.tmp"))
 
 
+def test_best_epoch_without_early_stopping_is_the_best_validation_epoch(idx_folder, tmp_path):
+    """Issue 15 item 2: without early stopping the run keeps its last epoch (and says so), while best_epoch,
+    best.pt and the console's star follow the best validation loss, not every epoch."""
+    import io
+
+    cfg = _cfg(idx_folder, epochs=6, lr=0.5, optimizer="sgd")  # validation loss rises after a few epochs
+    out = io.StringIO()
+    summary = train_run(cfg, RunFolder(tmp_path / "r"), torch.device("cpu"), Console(file=out, width=200))
+    rows = RunFolder(tmp_path / "r").read_metrics()
+    best = min(rows, key=lambda r: r["val_loss"])["epoch"]
+    assert best < len(rows)  # the setting makes validation loss rise, else this test shows nothing
+    assert summary["best_epoch"] == best and summary["kept_epoch"] == len(rows) and summary["weights"] == "last"
+    assert [r["epoch"] for r in rows if r["best"]] == sorted({r["epoch"] for r in rows if r["best"]})
+    assert sum(r["best"] for r in rows) < len(rows)
+    assert safe_torch_load(tmp_path / "r" / "checkpoints" / "best.pt")["epoch"] == best
+    starred = [line for line in out.getvalue().splitlines() if "epoch" in line and line.rstrip().endswith("*")]
+    assert len(starred) == sum(r["best"] for r in rows)
+
+
 def test_early_stopping_restores_the_best_weights(idx_folder, tmp_path):
     # a huge LR makes validation loss get worse after the first epochs, so patience triggers
     cfg = _cfg(idx_folder, epochs=30, lr=0.5, optimizer="sgd", early_stopping={"patience": 2})
