@@ -187,3 +187,22 @@ def start_cli_run(study: Path, out_dir: Path, env: dict[str, str], tag: str, *ex
         popen = subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=out, stderr=err, start_new_session=True,
                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return CliRun(out_dir, popen, stdout, stderr)
+
+
+def stop_fit_after(monkeypatch, epoch: int) -> None:
+    """Make every `fit` the study runs raise KeyboardInterrupt once epoch `epoch` has been saved (after the
+    run's own callbacks), as a kill would: the tests then run again to resume."""
+    from classlab import study as study_mod
+
+    real_fit = study_mod.fit
+
+    def fit_until(*args, **kwargs):
+        def stop(k, row, state):
+            if row["epoch"] == epoch:
+                raise KeyboardInterrupt
+
+        kwargs["callbacks"] = [*kwargs["callbacks"], stop]
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "fit", fit_until)
+

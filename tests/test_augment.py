@@ -19,7 +19,7 @@ from classlab.study import run_study, train_run
 from classlab.train.members import member_losses
 from classlab.train.optim import loss_fn
 from classlab.transforms import BatchTransform, Preprocess, mix_batch, sample_beta
-from tests.conftest import TINY_CNN, tiny_study, write_study
+from tests.conftest import TINY_CNN, stop_fit_after, tiny_study, write_study
 
 CPU = torch.device("cpu")
 PRESETS = {
@@ -243,29 +243,16 @@ def test_every_preset_trains_end_to_end(idx_folder, tmp_path):
 
 
 def test_resume_with_every_preset_equals_uninterrupted(idx_folder, tmp_path):
-    from classlab import study as study_mod
 
     model = {"name": "cnn", "layers": TINY_CNN}
     cfg = validate(RunConfig, {"name": "r", "data": {"dataset": "idx", "root": str(idx_folder), "augment": ALL},
                                "model": model, "train": {"epochs": 2, "batch_size": 32, "lr": 0.01}})
     quiet = Console(quiet=True)
     full = train_run(cfg, RunFolder(tmp_path / "full"), CPU, quiet)
-    real_fit = study_mod.fit
-
-    def fit_one_epoch(*args, **kwargs):
-        def stop(k, row, state):
-            if row["epoch"] == 1:
-                raise KeyboardInterrupt
-
-        kwargs["callbacks"] = [*kwargs["callbacks"], stop]
-        return real_fit(*args, **kwargs)
-
-    study_mod.fit = fit_one_epoch
-    try:
+    with pytest.MonkeyPatch.context() as m:
+        stop_fit_after(m, 1)
         with pytest.raises(KeyboardInterrupt):
             train_run(cfg, RunFolder(tmp_path / "resumed"), CPU, quiet)
-    finally:
-        study_mod.fit = real_fit
     resumed = train_run(cfg, RunFolder(tmp_path / "resumed"), CPU, quiet)
     assert resumed["test"] == full["test"]
     keys = ("train_loss", "train_accuracy", "val_loss")

@@ -6,7 +6,7 @@ from rich.console import Console
 
 from classlab.config import RunConfig, validate
 from classlab.runs import RunFolder, safe_torch_load
-from tests.conftest import TINY_CNN
+from tests.conftest import TINY_CNN, stop_fit_after
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 QUIET = Console(quiet=True)
@@ -31,23 +31,12 @@ def test_trains_on_the_gpu_with_each_precision(idx_folder, tmp_path, amp):
 
 
 def test_started_on_the_gpu_resumed_on_the_cpu(idx_folder, tmp_path, monkeypatch):
-    from classlab import study as study_mod
     from classlab.study import train_run
 
     cfg = _cfg(idx_folder, epochs=3)
     folder = RunFolder(tmp_path / "r")
-    real_fit = study_mod.fit
-
-    def fit_until(*args, **kwargs):
-        def stop(k, row, state):
-            if row["epoch"] == 1:
-                raise KeyboardInterrupt
-
-        kwargs["callbacks"] = [*kwargs["callbacks"], stop]
-        return real_fit(*args, **kwargs)
-
     with monkeypatch.context() as m:
-        m.setattr(study_mod, "fit", fit_until)
+        stop_fit_after(m, 1)
         with pytest.raises(KeyboardInterrupt):
             train_run(cfg, folder, CUDA, QUIET)
     summary = train_run(cfg, folder, torch.device("cpu"), QUIET)

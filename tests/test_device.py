@@ -12,6 +12,7 @@ from classlab.errors import ClasslabError
 from classlab.runs import RunFolder, safe_torch_load
 from classlab.train import distributed
 from classlab.train.device import amp_dtype, configure_backends, grad_scaler
+from tests.conftest import stop_fit_after
 
 QUIET = Console(quiet=True)
 CPU = torch.device("cpu")
@@ -70,22 +71,6 @@ def test_small_per_process_batch_warns(monkeypatch):
     assert distributed.batch_warning(128) is None
 
 
-def _stop_after(monkeypatch, epoch: int) -> None:
-    from classlab import study as study_mod
-
-    real_fit = study_mod.fit
-
-    def fit_until(*args, **kwargs):
-        def stop(k, row, state):
-            if row["epoch"] == epoch:
-                raise KeyboardInterrupt
-
-        kwargs["callbacks"] = [*kwargs["callbacks"], stop]
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(study_mod, "fit", fit_until)
-
-
 def test_resume_of_a_checkpoint_saved_on_another_device_kind(idx_folder, tmp_path, monkeypatch):
     """A run started on a GPU and resumed on the CPU: the augmentation stream (CUDA Philox there, CPU
     MT19937 here) cannot continue, so it is reseeded from the seed and epoch, with a note in run.log."""
@@ -94,7 +79,7 @@ def test_resume_of_a_checkpoint_saved_on_another_device_kind(idx_folder, tmp_pat
     cfg = _cfg(idx_folder)
     folder = RunFolder(tmp_path / "r")
     with monkeypatch.context() as m:
-        _stop_after(m, 2)
+        stop_fit_after(m, 2)
         with pytest.raises(KeyboardInterrupt):
             train_run(cfg, folder, CPU, QUIET)
     state = safe_torch_load(folder.last_path)

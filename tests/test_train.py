@@ -12,7 +12,7 @@ from classlab.study import train_run
 from classlab.train.fit import fit
 from classlab.train.optim import loss_fn
 from classlab.transforms import preprocess_for
-from tests.conftest import TINY_CNN
+from tests.conftest import TINY_CNN, stop_fit_after
 
 QUIET = Console(quiet=True)
 
@@ -99,24 +99,10 @@ def test_resume_equals_uninterrupted(idx_folder, tmp_path):
                momentum=0.9, lr=0.05, scheduler={"name": "step", "step_size": 2})
     full = _train(cfg, tmp_path, "full")
     # stop after epoch 2 by making the epoch-end hook raise, as a kill would, then run again
-    from classlab import study as study_mod
-
-    real_fit = study_mod.fit
-
-    def fit_two_epochs(*args, **kwargs):
-        def stop_after_epoch_2(k, row, state):  # after the run's own callbacks have saved the epoch
-            if row["epoch"] == 2:
-                raise KeyboardInterrupt
-
-        kwargs["callbacks"] = [*kwargs["callbacks"], stop_after_epoch_2]
-        return real_fit(*args, **kwargs)
-
-    study_mod.fit = fit_two_epochs
-    try:
+    with pytest.MonkeyPatch.context() as m:
+        stop_fit_after(m, 2)
         with pytest.raises(KeyboardInterrupt):
             _train(cfg, tmp_path, "resumed")
-    finally:
-        study_mod.fit = real_fit
     folder = RunFolder(tmp_path / "resumed")
     assert not folder.is_complete and len(folder.read_metrics()) == 2
     resumed = _train(cfg, tmp_path, "resumed")

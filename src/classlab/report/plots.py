@@ -163,8 +163,9 @@ def to_hwc(image: np.ndarray) -> tuple[np.ndarray, str | None]:
 
 
 def mistakes_grid(images: np.ndarray, true: list[str], pred: list[str], prob: list[float], key: str,
-                  title: str, cols: int = 8) -> Plot:
-    """The test images the model got wrong with the highest confidence."""
+                  title: str, cols: int = 8, maps: np.ndarray | None = None, layer: str = "") -> Plot:
+    """The test images the model got wrong with the highest confidence; with `maps`, each image's Grad-CAM
+    map for the predicted class overlaid (jet, translucent; `layer` names the target layer)."""
     n = len(images)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
@@ -177,9 +178,14 @@ def mistakes_grid(images: np.ndarray, true: list[str], pred: list[str], prob: li
             ax = axes.flat[i]
             img, cmap = to_hwc(images[i])
             ax.imshow(img, cmap=cmap, vmin=0, vmax=255)
+            if maps is not None:
+                ax.imshow(maps[i], cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
             ax.set_title(f"true: {short(true[i], 14)}\npred: {short(pred[i], 14)}\np = {prob[i]:.2f}", fontsize=7)
-        fig.suptitle(f"{drawable(title)}: most confident mistakes")
-        return Plot(key, f"worst test mistakes of {title}", _png(fig))
+        if maps is None:
+            fig.suptitle(f"{drawable(title)}: most confident mistakes")
+            return Plot(key, f"worst test mistakes of {title}", _png(fig))
+        fig.suptitle(f"{drawable(title)}: Grad-CAM of the predicted class on the worst mistakes ({drawable(layer)})")
+        return Plot(key, f"Grad-CAM maps on the worst test mistakes of {title}", _png(fig))
 
 
 def overlaid_curves(runs: list[tuple[str, str, list[dict]]], key: str, title: str) -> Plot:
@@ -386,20 +392,5 @@ def reliability_diagram(panels: list[tuple[str, dict, float]], key: str, title: 
 
 def cam_grid(images: np.ndarray, maps: np.ndarray, true: list[str], pred: list[str], prob: list[float],
              key: str, title: str, layer: str, cols: int = 8) -> Plot:
-    """The worst mistakes, each with its Grad-CAM map for the predicted class overlaid (jet, translucent)."""
-    n = len(images)
-    cols = min(cols, n)
-    rows = math.ceil(n / cols)
-    with plt.rc_context({**STYLE, "axes.grid": False}):
-        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.2 * rows + 0.3), squeeze=False,
-                                 layout="constrained")
-        for ax in axes.flat:
-            ax.axis("off")
-        for i in range(n):
-            ax = axes.flat[i]
-            img, cmap = to_hwc(images[i])
-            ax.imshow(img, cmap=cmap, vmin=0, vmax=255)
-            ax.imshow(maps[i], cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
-            ax.set_title(f"true: {short(true[i], 14)}\npred: {short(pred[i], 14)}\np = {prob[i]:.2f}", fontsize=7)
-        fig.suptitle(f"{drawable(title)}: Grad-CAM of the predicted class on the worst mistakes ({drawable(layer)})")
-        return Plot(key, f"Grad-CAM maps on the worst test mistakes of {title}", _png(fig))
+    """The worst mistakes, each with its Grad-CAM map for the predicted class overlaid."""
+    return mistakes_grid(images, true, pred, prob, key, title, cols, maps=maps, layer=layer)
