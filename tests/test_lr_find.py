@@ -35,3 +35,31 @@ def test_lr_find_command_sweeps_and_suggests_without_touching_the_study(tmp_path
     assert study.read_text() == before
     code, _, stderr = run_cli("lr-find", str(study), "--run", "nope")
     assert code == 2 and "not a run of" in stderr
+
+
+def test_the_sweep_is_in_the_study_report_whether_made_before_or_after_training(tmp_path, idx_folder, run_cli):
+    study = tiny_study(tmp_path, idx_folder)
+    study["train"]["epochs"] = 1
+    path = write_study(tmp_path / "s.yaml", study)
+    study_folder = tmp_path / "runs" / "toy"
+    code, _, stderr = run_cli("lr-find", str(path), "--steps", "30", "--start", "1e-5", "--end", "1")
+    assert code == 0, stderr
+    assert not (study_folder / "report.md").exists()  # nothing trained yet: no report to re-make
+    code, _, stderr = run_cli("run", str(path))  # trains into the swept run's folder, keeping the sweep
+    assert code == 0, stderr
+    sweep = json.loads((study_folder / "base" / "lr_find.json").read_text())
+    md = (study_folder / "report.md").read_text()
+    assert "## Learning-rate finder" in md and f"**{sweep['suggested']:.3g}**" in md
+    figure = next((study_folder / "report_files").glob("lr-find-*.png"))
+    assert figure.read_bytes() == (study_folder / "base" / "lr_find.png").read_bytes()
+    assert 'id="lr-find"' in (study_folder / "report.html").read_text()
+
+    code, stdout, stderr = run_cli("lr-find", str(path), "--steps", "30", "--start", "1e-4", "--end", "1")
+    assert code == 0, stderr
+    assert "report:" in stdout  # a trained study's report is re-made with the new sweep
+    again = json.loads((study_folder / "base" / "lr_find.json").read_text())
+    assert again["lrs"][0] == pytest.approx(1e-4)
+    assert f"**{again['suggested']:.3g}**" in (study_folder / "report.md").read_text()
+    code, _, stderr = run_cli("run", str(path), "--restart")  # retraining keeps the sweep (it is about the config)
+    assert code == 0, stderr
+    assert (study_folder / "base" / "lr_find.json").is_file()

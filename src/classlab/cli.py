@@ -325,7 +325,7 @@ def lr_find_cmd(
     from classlab.data import load_dataset
     from classlab.lr_find import lr_find, plot_png
     from classlab.plan import expand
-    from classlab.runs import RunFolder
+    from classlab.runs import RunFolder, find_runs
     from classlab.train.device import resolve_device
 
     if steps < 10 or not 0 < start < end:
@@ -345,6 +345,8 @@ def lr_find_cmd(
                   f"plot: {folder.lr_find_plot_path}", markup=False, highlight=False)
     console.print(f"suggested lr: {result.suggested:.3g} (steepest descent of the smoothed loss; the minimum / 10 "
                   f"is {result.min_over_10:.3g}; the study has {run_cfg.train.lr:g})", markup=False, highlight=False)
+    if find_runs(folder.path.parent):  # the study has trained: its report gets the sweep now (else the next run's)
+        _make_report(folder.path.parent)
 
 
 @app.command("models")

@@ -143,7 +143,8 @@ class RunFolder:
     def prepare(self, restart: bool = False) -> None:
         if restart and self.path.exists():
             try:
-                _remove_all_but(self.path, LOCK_NAME)  # the lock is this process's claim on the run: keep it
+                # the lock is this process's claim on the run; the LR sweep is about the config, not the training
+                _remove_all_but(self.path, {LOCK_NAME, LR_FIND, LR_FIND_PLOT})
             except OSError as e:
                 raise ClasslabError(f"--restart: cannot remove {self.path}: {e.strerror or e}") from None
         try:
@@ -430,9 +431,9 @@ def _array(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _remove_all_but(folder: Path, keep: str) -> None:
+def _remove_all_but(folder: Path, keep: set[str]) -> None:
     for child in folder.iterdir():
-        if child.name == keep:
+        if child.name in keep:
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)

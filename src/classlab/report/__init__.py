@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from classlab.report.context import build_context, study_evidence
-from classlab.report.load import load_study_runs
+from classlab.report.load import load_study_runs, lr_sweeps
 from classlab.report.render import write_pages
 from classlab.runs import atomic_write_json
 
@@ -27,7 +27,7 @@ def make_report(study_folder: str | Path, reference: str | None = None) -> tuple
         runs, failed = load_study_runs(folder)
         tests = study_evidence(runs, reference)
         atomic_write_json(folder / COMPARISON_JSON, {"study": folder.resolve().name, **tests})
-        context, figures = build_context(folder.resolve().name, runs, failed, tests=tests)
+        context, figures = build_context(folder.resolve().name, runs, failed, tests=tests, sweeps=lr_sweeps(folder))
         return write_pages(folder, "report", context, figures)
     except Exception:
         # a report that could not be re-made no longer describes the run folders: never leave it as if current

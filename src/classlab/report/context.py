@@ -16,7 +16,7 @@ from classlab import __version__, evidence
 from classlab.comparison import Stat, VariantRow, against_reference, compare_runs, variant_of, within_noise
 from classlab.errors import ClasslabError
 from classlab.report import plots
-from classlab.report.load import FailedRun, RunData, load_study_runs
+from classlab.report.load import FailedRun, LrSweep, RunData, load_study_runs
 from classlab.report.sanity import is_permuted, originals, sanity_notes
 
 TOP_CONFUSED = 5
@@ -396,8 +396,23 @@ def understanding(run: RunData, stem: str) -> tuple[dict[str, Any], list[plots.P
     return views, [f for f in (reliability, cam_figure) if f is not None]
 
 
+def lr_find_views(sweeps: list[LrSweep]) -> tuple[list[dict[str, Any]], list[plots.Plot]]:
+    """The LR finder's suggestion and plot per swept run (`classlab lr-find` writes them into the run folder)."""
+    views, figures = [], []
+    for i, sweep in enumerate(sweeps, start=1):
+        r = sweep.result
+        alt = f"LR finder: loss against learning rate, {sweep.name}"
+        figure = plots.Plot(f"lr-find-{i:02d}-{slug(sweep.name)}", alt, sweep.png) if sweep.png else None
+        figures += [figure] if figure else []
+        views.append({"name": sweep.name, "suggested": f"{r['suggested']:.3g}",
+                      "min_over_10": f"{r['min_over_10']:.3g}", "configured": f"{r['configured']:g}",
+                      "steps": len(r.get("lrs", [])), "figure": figure})
+    return views, figures
+
+
 def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun], reference: str | None = None,
-                  tests: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[plots.Plot]]:
+                  tests: dict[str, Any] | None = None, sweeps: list[LrSweep] = ()
+                  ) -> tuple[dict[str, Any], list[plots.Plot]]:
     """Everything the templates show, and every figure they reference. `tests`: study_evidence's result when
     the caller already has it (it also writes comparison.json), else computed here."""
     rows = compare_runs([r.summary for r in runs]) if runs else []
@@ -412,6 +427,8 @@ def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun],
     figures += [v["confusion"] for v in seeded]
     diff, diff_figures = two_variant_diff(runs, tests["reference"])
     figures += diff_figures
+    lr_finds, lr_figures = lr_find_views(list(sweeps))
+    figures += lr_figures
     sections = []
     for i, run in enumerate(runs, start=1):
         section, run_figures = run_section(i, run, permuted_of)
@@ -429,6 +446,6 @@ def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun],
         "evidence_pairs": len({(t["a"], t["b"]) for t in tests["rows"] if t["p_value"] is not None}),
         "without_predictions": tests["without_predictions"], "alpha": tests["alpha"],
         "seeded": seeded, "seed_bands": bool(seeded) and overlay is not None, "variant_diff": diff,
-        "all_runs": run_rows(runs), "overlay": overlay, "runs": sections, "failed": failed,
+        "all_runs": run_rows(runs), "overlay": overlay, "runs": sections, "failed": failed, "lr_finds": lr_finds,
     }
     return context, figures

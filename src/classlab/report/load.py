@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from classlab.errors import ClasslabError
-from classlab.runs import RunFolder, atomic_write_json, find_failed, find_runs
+from classlab.runs import LR_FIND, RunFolder, atomic_write_json, find_failed, find_runs
 
 
 @dataclass
@@ -46,6 +46,15 @@ class RunData:
 class FailedRun:
     name: str
     reason: str
+
+
+@dataclass(frozen=True)
+class LrSweep:
+    """`classlab lr-find`'s sweep of one run of the study (a trained run or one not trained yet)."""
+
+    name: str
+    result: dict
+    png: bytes | None
 
 
 def _optional(read: Callable[[], Any]) -> Any:
@@ -103,6 +112,16 @@ def run_order(study_folder: Path, names: list[str]) -> list[str]:
         return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
 
     return sorted(names, key=lambda n: (place.get(n, len(place)), natural(n)))
+
+
+def lr_sweeps(study_folder: Path) -> list[LrSweep]:
+    """Every run folder's LR-finder sweep, in the study's run order."""
+    found = {}
+    for path in sorted(study_folder.glob(f"*/{LR_FIND}")):
+        result, png = RunFolder(path.parent).read_lr_find()
+        if result is not None:
+            found[path.parent.name] = LrSweep(path.parent.name, result, png)
+    return [found[n] for n in run_order(study_folder, list(found))]
 
 
 def load_study_runs(study_folder: str | Path) -> tuple[list[RunData], list[FailedRun]]:
