@@ -7,6 +7,7 @@ Strings stay plain here; escaping is the templates' job (autoescape in HTML, a f
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -396,7 +397,7 @@ def understanding(run: RunData, stem: str) -> tuple[dict[str, Any], list[plots.P
     return views, [f for f in (reliability, cam_figure) if f is not None]
 
 
-def lr_find_views(sweeps: list[LrSweep]) -> tuple[list[dict[str, Any]], list[plots.Plot]]:
+def lr_find_views(sweeps: Sequence[LrSweep]) -> tuple[list[dict[str, Any]], list[plots.Plot]]:
     """The LR finder's suggestion and plot per swept run (`classlab lr-find` writes them into the run folder)."""
     views, figures = [], []
     for i, sweep in enumerate(sweeps, start=1):
@@ -411,7 +412,7 @@ def lr_find_views(sweeps: list[LrSweep]) -> tuple[list[dict[str, Any]], list[plo
 
 
 def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun], reference: str | None = None,
-                  tests: dict[str, Any] | None = None, sweeps: list[LrSweep] = ()
+                  tests: dict[str, Any] | None = None, sweeps: Sequence[LrSweep] = ()
                   ) -> tuple[dict[str, Any], list[plots.Plot]]:
     """Everything the templates show, and every figure they reference. `tests`: study_evidence's result when
     the caller already has it (it also writes comparison.json), else computed here."""
@@ -427,7 +428,7 @@ def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun],
     figures += [v["confusion"] for v in seeded]
     diff, diff_figures = two_variant_diff(runs, tests["reference"])
     figures += diff_figures
-    lr_finds, lr_figures = lr_find_views(list(sweeps))
+    lr_finds, lr_figures = lr_find_views(sweeps)
     figures += lr_figures
     sections = []
     for i, run in enumerate(runs, start=1):

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from classlab.errors import ClasslabError
-from classlab.runs import LR_FIND, RunFolder, atomic_write_json, find_failed, find_runs
+from classlab.runs import RunFolder, atomic_write_json, find_failed, find_runs
 
 
 @dataclass
@@ -117,10 +117,10 @@ def run_order(study_folder: Path, names: list[str]) -> list[str]:
 def lr_sweeps(study_folder: Path) -> list[LrSweep]:
     """Every run folder's LR-finder sweep, in the study's run order."""
     found = {}
-    for path in sorted(study_folder.glob(f"*/{LR_FIND}")):
-        result, png = RunFolder(path.parent).read_lr_find()
+    for path in sorted(p for p in study_folder.iterdir() if p.is_dir()):
+        result, png = RunFolder(path).read_lr_find()
         if result is not None:
-            found[path.parent.name] = LrSweep(path.parent.name, result, png)
+            found[path.name] = LrSweep(path.name, result, png)
     return [found[n] for n in run_order(study_folder, list(found))]
 
 

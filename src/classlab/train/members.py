@@ -104,9 +104,6 @@ class Single:
 
     def step(self) -> None:
         """L1's gradient (λ·sign w, exactly what autograd gives for λ·Σ|w|) added, then the optimizer."""
-        if self.scaler is None and not self.l1_params:  # the common case: the optimizer's step alone
-            self.optimizer.step()
-            return
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.l1_params:
