@@ -213,6 +213,9 @@ class DataConfig(Strict):
         0.1, gt=0, lt=1, description="stratified, seeded share of the training split held out for validation; "
         "null = none")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="only for folders without a test split")
+    splits: dict[Literal["train", "val", "test"], list[str]] | None = Field(
+        None, description="image folders: which subfolders of data.root make each split, e.g. the FER studies' "
+        "{train: [train], test: [validation, test]}; null = train/, val|validation/, test/ as found")
     split_seed: int = Field(0, description="seed of the validation / test splits and of data.subset")
     channels: Literal[1, 3] | None = Field(None, description="image folders: 1 gray, 3 RGB, None = guess")
     image_size: tuple[int, int] | None = Field(None, description="image folders: resize to [H, W] at load")
@@ -233,6 +236,13 @@ class DataConfig(Strict):
         "draw with replacement, as many images as the training split, from the run's seeded order generator)")
     to_rgb: bool = Field(False, description="copy a gray channel to 3 (ImageNet models), per batch")
     resize: tuple[int, int] | None = Field(None, description="resize each batch on the device to [H, W]")
+
+    @model_validator(mode="after")
+    def _splits_need_folders(self) -> DataConfig:
+        if self.splits and self.dataset not in ("image-folder", "fer2013"):
+            raise ValueError(f"data.splits names subfolders of an image folder; dataset '{self.dataset}' has fixed "
+                             "splits: remove data.splits")
+        return self
 
     @field_validator("normalize", mode="before")
     @classmethod

@@ -60,6 +60,7 @@ class RawData:
     classes: list[str]
     source: str
     skipped: list[str] = field(default_factory=list)
+    origins: dict[str, list[str]] = field(default_factory=dict)  # split -> the folders it was read from
 
 
 _CACHE: dict[tuple, RawData] = {}
@@ -120,13 +121,14 @@ def _image_folder(cfg: DataConfig) -> RawData:
         raise ClasslabError("data.dataset 'image-folder' needs data.root: a folder of <split>/<class>/ images")
     root = Path(cfg.root).expanduser()
     files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
-    key = ("folder", str(root.resolve()), cfg.channels, cfg.image_size, len(files),
+    layout = {k: list(v) for k, v in cfg.splits.items()} if cfg.splits else None
+    key = ("folder", str(root.resolve()), cfg.channels, cfg.image_size, repr(layout), len(files),
            max((p.stat().st_mtime_ns for p in files), default=0))
     if key not in _CACHE:
-        decoded, classes = read_image_folder(root, cfg.channels, cfg.image_size)
+        decoded, classes, origins = read_image_folder(root, cfg.channels, cfg.image_size, layout)
         skipped = [s for part in decoded.values() for s in part.skipped]
         splits = {name: Split(part.images, part.labels) for name, part in decoded.items() if len(part.labels)}
-        _CACHE[key] = RawData(splits, classes, str(root), skipped)
+        _CACHE[key] = RawData(splits, classes, str(root), skipped, origins)
     return _CACHE[key]
 
 

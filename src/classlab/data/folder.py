@@ -102,22 +102,45 @@ def decode_files(items: list[tuple[Path, int]], channels: int, size: tuple[int, 
     return FolderSplit(stacked, torch.tensor(labels, dtype=torch.long), skipped)
 
 
+def folder_layout(root: Path, splits: dict[str, list[str]] | None = None) -> dict[str, list[Path]]:
+    """Which subfolders of root make each split: `splits` as the YAML names them (data.splits, e.g. the FER
+    studies' test = validation + test), else the conventional names (train/, val|validation/, test/), else the
+    whole root as one pool."""
+    if splits:
+        layout: dict[str, list[Path]] = {}
+        for split, names in splits.items():
+            folders = [root / name for name in names]
+            missing = [f.name for f in folders if not f.is_dir()]
+            if missing:
+                present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+                raise ClasslabError(f"data.splits.{split}: no folder '{missing[0]}' in {root}; its folders are: "
+                                    f"{', '.join(present) or 'none'}")
+            layout[split] = folders
+        if "train" not in layout:
+            raise ClasslabError("data.splits: name the folders of the train split too, e.g. {train: [train], "
+                                "test: [validation, test]}")
+        return layout
+    found = find_splits(root)
+    return {split: [folder] for split, folder in found.items()} if found else {"all": [root]}
+
+
 def read_image_folder(
-    root: Path, channels: int | None, size: tuple[int, int] | None
-) -> tuple[dict[str, FolderSplit], list[str]]:
-    """Decode an image-folder dataset. Returns its splits (those present) and the class names."""
+    root: Path, channels: int | None, size: tuple[int, int] | None, splits: dict[str, list[str]] | None = None
+) -> tuple[dict[str, FolderSplit], list[str], dict[str, list[str]]]:
+    """Decode an image-folder dataset. Returns its splits (those present), the class names and the folders
+    each split came from (relative to root, for run.log and the report)."""
     if not root.is_dir():
         raise ClasslabError(f"image folder {root} does not exist; set data.root to a folder of class folders")
-    splits = find_splits(root)
-    layout = splits or {"all": root}
-    first = layout.get("train", next(iter(layout.values())))
+    layout = folder_layout(root, splits)
+    first = layout.get("train", next(iter(layout.values())))[0]
     # the classes of every split together: a class missing from one split is data.load_dataset's one rule
-    classes = sorted({p.name for folder in layout.values() for p in _class_dirs(folder)})
+    classes = sorted({p.name for folders in layout.values() for folder in folders for p in _class_dirs(folder)})
     if not classes:
         raise ClasslabError(
             f"{first}: no class folders; expected {root}/train/<class>/*.png (or {root}/<class>/*.png)"
         )
-    listed = {split: list_class_files(folder, classes) for split, folder in layout.items()}
+    listed = {split: [item for folder in folders for item in list_class_files(folder, classes)]
+              for split, folders in layout.items()}
     train_items = listed.get("train", listed.get("all", []))
     if not train_items:
         raise ClasslabError(f"{first}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -126,9 +149,11 @@ def read_image_folder(
     decoded = {split: decode_files(items, channels, size) for split, items in listed.items()}
     for split, part in decoded.items():
         if len(part.labels) == 0 and listed[split]:
-            raise ClasslabError(f"{layout[split]}: none of the {len(listed[split])} images could be read")
+            raise ClasslabError(f"{', '.join(map(str, layout[split]))}: none of the {len(listed[split])} images could be read")
     if size is None:
         shapes = {tuple(p.images.shape[1:]) for p in decoded.values() if len(p.labels)}
         if len(shapes) > 1:
             raise ClasslabError(f"{root}: splits have different image sizes {sorted(shapes)}; set data.image_size")
-    return decoded, classes
+    origins = {split: [str(f.relative_to(root)) if f != root else "." for f in folders]
+               for split, folders in layout.items()}
+    return decoded, classes, origins
