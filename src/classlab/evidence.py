@@ -50,11 +50,14 @@ class RunPredictions:
     n_classes: int
     worst_index: np.ndarray | None = None  # test-image indices whose pixels the run folder keeps
     worst_images: np.ndarray | None = None
+    fold: tuple[int, int] | None = None  # (repeat, fold) of a cross-validation run: its test set is that fold
+    train_size: int | None = None  # training images of that fold (the corrected resampled t test needs it)
 
 
 def run_predictions(name: str, y_true: np.ndarray, probs: np.ndarray | None = None, y_pred: np.ndarray | None = None,
                     variant: str | None = None, worst_index: np.ndarray | None = None,
-                    worst_images: np.ndarray | None = None) -> RunPredictions:
+                    worst_images: np.ndarray | None = None, fold: tuple[int, int] | None = None,
+                    train_size: int | None = None) -> RunPredictions:
     """Build a RunPredictions from predictions.npz's arrays (`y_pred` wins over argmax of `probs`)."""
     y_true = np.asarray(y_true).astype(np.int64)
     if y_pred is None:
@@ -65,7 +68,9 @@ def run_predictions(name: str, y_true: np.ndarray, probs: np.ndarray | None = No
     k = max(int(y_true.max(initial=0)), int(y_pred.max(initial=0))) + 1
     if probs is not None:
         k = max(k, int(np.asarray(probs).shape[1]))
-    return RunPredictions(name, variant or variant_of(name), y_true, y_pred, k, worst_index, worst_images)
+    return RunPredictions(name, variant or variant_of(name), y_true, y_pred, k, worst_index, worst_images,
+                          None if fold is None else (int(fold[0]), int(fold[1])),
+                          None if train_size is None else int(train_size))
 
 
 # ----------------------------------------------------------------------------- tests of one pair
