@@ -120,16 +120,12 @@ def _image_folder(cfg: DataConfig) -> RawData:
     if not cfg.root:
         raise ClasslabError("data.dataset 'image-folder' needs data.root: a folder of <split>/<class>/ images")
     root = Path(cfg.root).expanduser()
-    files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
     layout = {k: list(v) for k, v in cfg.splits.items()} if cfg.splits else None
-    key = ("folder", str(root.resolve()), cfg.channels, cfg.image_size, repr(layout), len(files),
-           max((p.stat().st_mtime_ns for p in files), default=0))
-    if key not in _CACHE:
-        decoded, classes, origins = read_image_folder(root, cfg.channels, cfg.image_size, layout)
-        skipped = [s for part in decoded.values() for s in part.skipped]
-        splits = {name: Split(part.images, part.labels) for name, part in decoded.items() if len(part.labels)}
-        _CACHE[key] = RawData(splits, classes, str(root), skipped, origins)
-    return _CACHE[key]
+    # listed every time (a changed file is seen); decoded once per machine: data.cache, keyed by the files
+    decoded, classes, origins = read_image_folder(root, cfg.channels, cfg.image_size, layout)
+    skipped = [s for part in decoded.values() for s in part.skipped]
+    splits = {name: Split(part.images, part.labels) for name, part in decoded.items() if len(part.labels)}
+    return RawData(splits, classes, str(root), skipped, origins)
 
 
 @DATASETS.register("fer2013")
@@ -243,7 +239,11 @@ def _stats(cfg: DataConfig, raw: RawData, train: Split) -> tuple[tuple[float, ..
 
 
 def clear_cache() -> None:
+    """Forget what this process decoded (the on-disk cache stays; data.cache keys it by the files)."""
+    from classlab.data.cache import clear_memo
+
     _CACHE.clear()
+    clear_memo()
 
 
 __all__ = ["ImageData", "Split", "load_dataset", "clear_cache", "FASHION_CLASSES", "demo_folder"]

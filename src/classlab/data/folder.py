@@ -5,6 +5,7 @@ Unreadable files are skipped and reported, never fatal: real folders hold a few 
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,19 +68,31 @@ def _guess_channels(files: list[Path]) -> int:
     return 1
 
 
+def _walk_files(class_dir: Path) -> list[Path]:
+    """Every file under class_dir, sorted by path (os.walk: one readdir per folder, no stat per file --
+    3x faster than Path.rglob + is_file on FER-2013's 36k files, which matters for a cached start)."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+        dirnames.sort()
+        found.extend(os.path.join(dirpath, name) for name in filenames)
+    return [Path(f) for f in sorted(found)]
+
+
 def list_class_files(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
     items: list[tuple[Path, int]] = []
     for index, name in enumerate(classes):
         class_dir = folder / name
         if not class_dir.is_dir():
             continue
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = [p for p in _walk_files(class_dir) if p.suffix.lower() in IMAGE_EXTENSIONS]
         items.extend((p, index) for p in files)
     return items
 
 
-def decode_files(items: list[tuple[Path, int]], channels: int, size: tuple[int, int] | None) -> FolderSplit:
-    """Decode every file once; all must share one size unless `size` resizes them."""
+def decode_arrays(items: list[tuple[Path, int]], channels: int, size: tuple[int, int] | None,
+                  like: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode every file once (numpy only, so it runs in a forked worker): uint8 N×H×W×C, int64 labels and
+    the unreadable files. All must share one size (that of `like`, when given) unless `size` resizes them."""
     arrays: list[np.ndarray] = []
     labels: list[int] = []
     skipped: list[str] = []
@@ -89,17 +102,24 @@ def decode_files(items: list[tuple[Path, int]], channels: int, size: tuple[int, 
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             skipped.append(f"{path} ({type(e).__name__})")
             continue
-        if arrays and arr.shape != arrays[0].shape:
+        first = like or (arrays[0].shape if arrays else None)
+        if first is not None and arr.shape != first:
             raise ClasslabError(
-                f"{path}: size {arr.shape[1]}×{arr.shape[0]} differs from {arrays[0].shape[1]}×{arrays[0].shape[0]} "
+                f"{path}: size {arr.shape[1]}×{arr.shape[0]} differs from {first[1]}×{first[0]} "
                 "of the first image; set data.image_size: [H, W] to resize all images at load time"
             )
         arrays.append(arr)
         labels.append(label)
     if not arrays:
-        return FolderSplit(torch.empty(0, channels, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long), skipped)
-    stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return FolderSplit(stacked, torch.tensor(labels, dtype=torch.long), skipped)
+        return np.empty((0, 1, 1, channels), np.uint8), np.empty(0, np.int64), skipped
+    return np.stack(arrays), np.asarray(labels, dtype=np.int64), skipped
+
+
+def decode_files(items: list[tuple[Path, int]], channels: int, size: tuple[int, int] | None) -> FolderSplit:
+    """Decode every file once in this process, as N×C×H×W tensors (data.cache.decoded_images caches this)."""
+    images, labels, skipped = decode_arrays(items, channels, size)
+    stacked = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return FolderSplit(stacked, torch.from_numpy(labels), skipped)
 
 
 def folder_layout(root: Path, splits: dict[str, list[str]] | None = None) -> dict[str, list[Path]]:
@@ -146,10 +166,13 @@ def read_image_folder(
         raise ClasslabError(f"{first}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if channels is None:
         channels = _guess_channels([p for p, _ in train_items])
-    decoded = {split: decode_files(items, channels, size) for split, items in listed.items()}
+    from classlab.data.cache import decoded_images  # cache imports this module
+
+    decoded = {split: FolderSplit(*decoded_images(items, channels, size)) for split, items in listed.items()}
     for split, part in decoded.items():
         if len(part.labels) == 0 and listed[split]:
-            raise ClasslabError(f"{', '.join(map(str, layout[split]))}: none of the {len(listed[split])} images could be read")
+            raise ClasslabError(f"{', '.join(map(str, layout[split]))}: none of the {len(listed[split])} images "
+                                "could be read")
     if size is None:
         shapes = {tuple(p.images.shape[1:]) for p in decoded.values() if len(p.labels)}
         if len(shapes) > 1:
