@@ -83,7 +83,7 @@ def test_a_changed_file_makes_the_cache_decode_again(tmp_path, cache_root, decod
     root = _folder(tmp_path / "data")
     items = _items(root)
     _load(items)
-    target = items[0][0]
+    target = Path(items[0][0])
     if change == "mtime":
         stat = target.stat()
         os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))

@@ -29,7 +29,7 @@ import os
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -72,26 +72,30 @@ def decode_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def cache_key(items: list[tuple[Path, int]], channels: int, size: tuple[int, int] | None) -> tuple[str, str]:
+def cache_key(items: Sequence[tuple[str | Path, int]], channels: int, size: tuple[int, int] | None
+              ) -> tuple[str, str]:
     """(name, key): the name from the paths, labels and settings (one file per list of files), the key adding
     every file's size and modification time (a change makes the file stale, decoded again in place)."""
     settings = json.dumps({"format": FORMAT, "channels": channels, "size": list(size) if size else None,
                            "pillow": PIL.__version__})
-    name = hashlib.sha256(settings.encode())
-    key = name.copy()
-    for path, label in items:
-        entry = f"{os.path.abspath(path)}\0{label}\n".encode()
-        name.update(entry)
-        key.update(entry)
+    cwd = os.getcwd()
+    paths = [os.fspath(p) for p, _ in items]
+    listing = "\n".join(f"{p if os.path.isabs(p) else os.path.join(cwd, p)}\0{label}"
+                         for p, (_, label) in zip(paths, items, strict=True))
+    name = hashlib.sha256(settings.encode() + b"\n" + listing.encode())
+    stats = np.empty((len(paths), 2), dtype="<i8")
+    for i, path in enumerate(paths):
         try:
             st = os.stat(path)
-            key.update(struct.pack("<qq", st.st_size, st.st_mtime_ns))
+            stats[i] = st.st_size, st.st_mtime_ns
         except OSError:  # vanished: decoding will skip it; the key still differs from when it was there
-            key.update(b"missing")
+            stats[i] = -1
+    key = name.copy()
+    key.update(stats.tobytes())
     return name.hexdigest()[:32], key.hexdigest()
 
 
-def decoded_images(items: list[tuple[Path, int]], channels: int, size: tuple[int, int] | None,
+def decoded_images(items: Sequence[tuple[str | Path, int]], channels: int, size: tuple[int, int] | None,
                    workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Images (uint8 N×C×H×W, memory-mapped when cached), labels (int64 N) and the unreadable files
     ("path (error)") of `items` = [(path, label)], decoded at `channels` (1 or 3) and `size` ([H, W] or None
@@ -114,7 +118,7 @@ def clear_memo() -> None:
     _MEMO.clear()
 
 
-def _cached(path: Path, key: str, items: list[tuple[Path, int]], channels: int, size: tuple[int, int] | None,
+def _cached(path: Path, key: str, items: Sequence[tuple[str | Path, int]], channels: int, size: tuple[int, int] | None,
             workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     with contextlib.suppress(FileNotFoundError, CorruptCache):
         found = read_cache(path, key)
@@ -142,8 +146,8 @@ def _cached(path: Path, key: str, items: list[tuple[Path, int]], channels: int, 
     return found if found is not None else _as_tensors(images, labels, skipped)
 
 
-def _uncached(path: Path, e: OSError, items: list[tuple[Path, int]], channels: int, size: tuple[int, int] | None,
-              workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _uncached(path: Path, e: OSError, items: Sequence[tuple[str | Path, int]], channels: int,
+              size: tuple[int, int] | None, workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     warnings.warn(f"decoded images not cached: cannot create {path.parent} ({e.strerror or e}); set "
                   "$CLASSLAB_CACHE to a writable folder", stacklevel=3)
     return _as_tensors(*_decode(items, channels, size, workers))
@@ -175,12 +179,12 @@ def _as_tensors(images: np.ndarray, labels: np.ndarray, skipped: list[str]) -> t
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), torch.from_numpy(labels), skipped
 
 
-def _decode_chunk(args: tuple[list[tuple[Path, int]], int, tuple[int, int] | None, tuple[int, ...] | None]
+def _decode_chunk(args: tuple[Sequence[tuple[str | Path, int]], int, tuple[int, int] | None, tuple[int, ...] | None]
                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return decode_arrays(*args)
 
 
-def _decode(items: list[tuple[Path, int]], channels: int, size: tuple[int, int] | None,
+def _decode(items: Sequence[tuple[str | Path, int]], channels: int, size: tuple[int, int] | None,
             workers: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """N×H×W×C images, labels, skipped files: in this process, or across `workers` forked processes over
     chunks of files (numpy and PIL only in the workers; every chunk checks its sizes against the first
