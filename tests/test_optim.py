@@ -26,7 +26,7 @@ def test_torch_optimizers_with_their_fast_kernels_follow_the_plain_loop(name, cl
     """Same hyper-parameters as the YAML says; the fused / foreach kernels follow torch's for-loop
     reference. In float64 the two agree to rounding (1e-12), on any CPU: they differ only in order of
     operations, which fp32 would turn into CPU-dependent 1e-6 noise."""
-    tc = TrainConfig(optimizer=name, lr=1e-2, weight_decay=1e-3, momentum=0.5 if name != "adamw" else 0.0)
+    tc = TrainConfig(optimizer=name, lr=1e-2, weight_decay=1e-3, momentum=0.5 if name in ("sgd", "rmsprop") else 0.0)
     fast_net, plain_net = _net().double(), _net().double()
     fast = build_optimizer(fast_net.parameters(), tc, CPU)
     assert type(fast) is cls and fast.defaults[impl] is True
