@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -181,6 +182,9 @@ class Augment(Strict):
         return self
 
 
+FIXED_GRAY = ("fashion-mnist", "mnist", "idx", "demo")  # IDX files: fixed train / test splits, gray, one size
+GRAY_SOURCES = ("fashion-mnist", "mnist", "demo", "fer2013")  # gray whatever channels they are given
+
 IMAGENET_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
@@ -239,6 +243,19 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _splits_need_folders(self) -> DataConfig:
+        if self.dataset in FIXED_GRAY:  # keys that these sources would read and ignore: refused, with why
+            unused = [k for k in ("channels", "image_size") if getattr(self, k) is not None]
+            if self.test_fraction != type(self).model_fields["test_fraction"].default:
+                unused.append("test_fraction")
+            if unused:
+                raise ValueError(f"dataset '{self.dataset}' has its own test split and gray images "
+                                 f"of one size; "
+                                 f"{' and '.join(unused)} act on image folders only: remove them (data.resize / "
+                                 "to_rgb change the images per batch)")
+        jitter = self.augment.color_jitter
+        if jitter is not None and (jitter.saturation or jitter.hue) and self.dataset in GRAY_SOURCES:
+            raise ValueError(f"augment.color_jitter saturation / hue change colours; '{self.dataset}' images are "
+                             "gray (to_rgb copies the gray channel, so they stay gray): remove them")
         if self.splits and self.dataset not in ("image-folder", "fer2013"):
             raise ValueError(f"data.splits names subfolders of an image folder; dataset '{self.dataset}' has fixed "
                              "splits: remove data.splits")
@@ -371,6 +388,16 @@ class MLPConfig(Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the hidden layers")
     dropout_after: list[int] | None = Field(None, description="1-based hidden layers; None = all")
 
+    @model_validator(mode="after")
+    def _dropout_places(self) -> MLPConfig:
+        if self.dropout_after is not None and self.dropout == 0:
+            raise ValueError("dropout_after places dropout, but dropout is 0: set dropout (e.g. 0.2) or remove "
+                             "dropout_after")
+        outside = [i for i in self.dropout_after or () if not 1 <= i <= len(self.hidden)]
+        if outside:
+            raise ValueError(f"dropout_after {outside}: the hidden layers are 1..{len(self.hidden)}")
+        return self
+
 
 class CNNConfig(Strict):
     name: Literal["cnn"] = Field(description="a network written as its list of layers")
@@ -387,6 +414,13 @@ class PresetConfig(Strict):
     batchnorm: bool | None = Field(
         None, description="add BatchNorm where the study left it open; null = the study's choice")
     dropout: float | None = Field(None, ge=0, lt=1, description="dropout probability; null = the study's choice")
+
+    @model_validator(mode="after")
+    def _switch_acts(self) -> PresetConfig:
+        if self.name == "study_a_cnn" and self.dropout is not None:
+            raise ValueError("study_a_cnn has no dropout layer (its study has none) and would ignore dropout: "
+                             "remove it, or write the layers as a cnn model")
+        return self
 
 
 class FreezeSpec(Strict):
@@ -451,6 +485,16 @@ class Scheduler(Strict):
         "none", description="none, step (× gamma every step_size epochs) or cosine (annealed to 0 over the epochs)")
     step_size: int = Field(5, gt=0, description="step: epochs between decays")
     gamma: float = Field(0.1, gt=0, le=1, description="step: the factor applied at each decay")
+
+    @model_validator(mode="after")
+    def _fields_of_its_schedule(self) -> Scheduler:
+        """step_size / gamma act in the step schedule only: elsewhere they would be read and ignored. (A value
+        equal to the default passes: a run's config.yaml lists every field.)"""
+        unused = [k for k in ("step_size", "gamma") if getattr(self, k) != type(self).model_fields[k].default]
+        if self.name != "step" and unused:
+            raise ValueError(f"{' and '.join(unused)} set the step schedule's decays; the '{self.name}' schedule "
+                             "does not use them: remove them, or use name: step")
+        return self
 
 
 class EarlyStopping(Strict):
@@ -534,6 +578,18 @@ class TrainConfig(Strict):
     def _check(self) -> TrainConfig:
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
             raise ValueError("nesterov needs optimizer: sgd and momentum > 0")
+        # settings that the chosen optimizer / loss / device would read and ignore: refused, with why
+        if self.momentum > 0 and self.optimizer in ("adam", "adamw"):
+            raise ValueError(f"momentum acts in sgd and rmsprop; {self.optimizer} has none (its beta1 = 0.9 plays "
+                             "that part): remove momentum, or choose optimizer: sgd")
+        if self.label_smoothing > 0 and self.loss == "nll":
+            raise ValueError("label_smoothing acts in loss: cross_entropy; nll (log-softmax + NLL, as the studies "
+                             "wrote it) has no smoothing: use loss: cross_entropy (the same maths) to smooth")
+        if self.device == "cpu" and self.amp in ("bf16", "fp16"):
+            raise ValueError(f"amp: {self.amp} acts on CUDA only; with device: cpu every run trains in fp32: remove "
+                             "amp, or set device: auto")
+        if self.device == "cpu" and self.sync_batchnorm:
+            raise ValueError("sync_batchnorm acts under DDP on CUDA only; with device: cpu remove it")
         return self
 
 
@@ -913,36 +969,131 @@ def validate(cls: type[Strict], raw: dict[str, Any], where: str = "") -> Any:
 RUN_SECTIONS = ("data", "model", "train", "eval")
 
 
-def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Apply one `-o key=value` to a raw study, so that it wins everywhere the key is set: the study's
-    sections, every run's own overrides, and the grid (an axis on that key is pinned to the value; axes
-    inside it are dropped; an axis whose values hold the key gets it in each value)."""
-    set_dotted(raw, key, value)
-    if key.split(".")[0] not in RUN_SECTIONS:
-        return
-    for run in raw.get("runs") or []:
-        if isinstance(run, dict):
-            set_dotted(run, key, copy.deepcopy(value))
+def _own_value(tree: Any, key: str) -> tuple[bool, Any]:
+    """Whether a run's (or a grid cell's) own overrides set `key` themselves (nested or dotted), and to what."""
+    if not isinstance(tree, dict):
+        return False, None
+    if key in tree:
+        return True, tree[key]
+    for part_key, value in tree.items():
+        if isinstance(part_key, str) and key.startswith(part_key + "."):
+            found, own = _own_value(value, key[len(part_key) + 1 :])
+            if found:
+                return True, own
+    return False, None
+
+
+def _short(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _address_run(raw: dict[str, Any], key: str, value: Any, text: str) -> None:
+    """`-o runs.<name>.<key>=value`: set one run's own value (a run's name may hold dots: the longest match)."""
+    runs = [r for r in raw.get("runs") or [] if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    rest = key[len("runs.") :]
+    matches = [r for r in runs if rest.startswith(r["name"] + ".")]
+    if not matches:
+        name = rest.split(".", 1)[0]
+        names = [r["name"] for r in runs]
+        listed = f"; runs: {', '.join(names)}" if names else "; the study has no runs: entries"
+        raise ClasslabError(f"override '{text}': no run named '{name}'{suggest(name, names)}{listed}")
+    run = max(matches, key=lambda r: len(r["name"]))
+    inner = rest[len(run["name"]) + 1 :]
+    if inner.split(".")[0] not in RUN_SECTIONS:
+        raise ClasslabError(f"override '{text}': a run's key starts with {', '.join(RUN_SECTIONS)}, e.g. "
+                            f"runs.{run['name']}.train.lr=0.01")
+    set_dotted(run, inner, value)
+
+
+def _address_grid(raw: dict[str, Any], key: str, value: Any, text: str) -> None:
+    """`-o grid.<dotted key>=[v1, v2]`: the values of one grid axis (a new axis if the grid has none on it)."""
+    axis = key[len("grid.") :]
+    if axis.split(".")[0] not in RUN_SECTIONS or "." not in axis:
+        raise ClasslabError(f"override '{text}': a grid axis is a dotted key of data, model, train or eval, "
+                            "e.g. -o 'grid.train.lr=[0.01, 0.001]'")
+    if not isinstance(value, list) or not value:
+        raise ClasslabError(f"override '{text}': a grid axis takes a list of values, e.g. -o '{key}=[{_short(value)}]'")
     grid = raw.get("grid")
     if not isinstance(grid, dict):
-        return
-    for axis in list(grid):
-        if axis == key:
-            grid[axis] = [copy.deepcopy(value)]
-        elif axis.startswith(key + "."):
-            del grid[axis]
-        elif key.startswith(axis + ".") and isinstance(grid[axis], list):
-            for cell in grid[axis]:
-                if isinstance(cell, dict):
-                    set_dotted(cell, key[len(axis) + 1 :], copy.deepcopy(value))
+        grid = raw["grid"] = {}
+    grid[axis] = value
 
 
-def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
-    """Read and validate a study file with the CLI overrides applied (here, and only here)."""
+def apply_override(raw: dict[str, Any], key: str, value: Any, text: str | None = None) -> list[str]:
+    """Apply one `-o key=value` to a raw study and return what it did beyond the base, one line each.
+
+    The rule (docs/decisions.md): the override sets the study's base, and every run that does not set the key
+    itself; a `runs:` entry (or a grid cell's mapping) that sets the key itself keeps its own value, since that
+    value is what makes the variant (a `scratch` run's `pretrained: none`), and the returned line names those
+    runs and how to address one (`-o runs.<name>.<key>=...`). A grid axis on exactly the key is pinned to the
+    one value (one cell instead of several); axes inside the key are dropped; `-o grid.<key>=[...]` sets an
+    axis's values instead. Nothing changes silently: each of these is a line."""
+    text = text or f"{key}={_short(value)}"
+    if key.startswith("runs."):
+        _address_run(raw, key, value, text)
+        return []
+    if key.startswith("grid."):
+        _address_grid(raw, key, value, text)
+        return []
+    set_dotted(raw, key, value)
+    if key.split(".")[0] not in RUN_SECTIONS:
+        return []
+    notes: list[str] = []
+    kept: list[str] = []
+    for run in raw.get("runs") or []:
+        if not isinstance(run, dict):
+            continue
+        found, own = _own_value(run, key)
+        if found:
+            if own != value:
+                kept.append(f"{run.get('name')} ({_short(own)})")
+        else:  # set it in the run too, so that it survives a run's switch of model (which replaces the section)
+            set_dotted(run, key, copy.deepcopy(value))
+    grid = raw.get("grid")
+    if isinstance(grid, dict):
+        for axis in list(grid):
+            values = grid[axis]
+            if axis == key:
+                if isinstance(values, list) and values != [value]:
+                    notes.append(f"-o {text}: grid axis {axis} pinned to this one value (the study lists "
+                                 f"{_short(values)}); -o 'grid.{axis}=[...]' sets its values instead")
+                grid[axis] = [copy.deepcopy(value)]
+            elif axis.startswith(key + "."):
+                notes.append(f"-o {text}: grid axis {axis} dropped (it lies inside the overridden key)")
+                del grid[axis]
+            elif key.startswith(axis + ".") and isinstance(values, list):
+                inner = key[len(axis) + 1 :]
+                for cell in values:
+                    found, own = _own_value(cell, inner)
+                    if found and own != value:
+                        kept.append(f"grid {axis}={_short(cell)} ({_short(own)})")
+                    elif isinstance(cell, dict) and not found:
+                        set_dotted(cell, inner, copy.deepcopy(value))
+    if kept:
+        first = kept[0].split(" (")[0]
+        how = (f"-o runs.{first}.{key}=..." if not first.startswith("grid ") else "-o 'grid.<axis>=[...]'")
+        notes.append(f"-o {text}: set for the base; kept the own value of {', '.join(kept)}, which set "
+                     f"{key} themselves; to change one, {how}")
+    return notes
+
+
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+               notes: list[str] | None = None) -> StudyConfig:
+    """Read and validate a study file with the CLI overrides applied (here, and only here). What an override
+    did beyond the base (runs that kept their own value, a pinned grid axis) goes to `notes`, or, without a
+    list, to stderr: an override never changes a comparison silently."""
     path = Path(path)
     raw = read_yaml(path)
-    for key, value in (parse_override(o) for o in overrides):
-        apply_override(raw, key, value)
+    said: list[str] = []
+    for text in overrides:
+        key, value = parse_override(text)
+        said += apply_override(raw, key, value, text.split("=", 1)[0].strip() + "=" + text.split("=", 1)[1].strip())
+    if notes is not None:
+        notes.extend(said)
+    else:
+        for line in said:
+            print(f"note: {line}", file=sys.stderr)
     if "name" not in raw or raw.get("name") is None:
         raw["name"] = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.stem).lstrip(".") or "study"
     return validate(StudyConfig, raw, where=str(path))
