@@ -116,7 +116,7 @@ def test_a_corrupt_cache_file_is_rebuilt_never_read(tmp_path, cache_root, decode
     elif damage == "truncate":
         raw = raw[: len(raw) // 2]
     elif damage == "header":
-        raw[12:20] = b"\xff" * 8
+        raw[-40:-30] = b"\xff" * 10  # inside the JSON trailer
     else:
         raw = bytearray()
     path.write_bytes(bytes(raw))
@@ -131,10 +131,14 @@ def test_a_corrupt_cache_file_is_rebuilt_never_read(tmp_path, cache_root, decode
 
 def test_the_process_pool_gives_the_same_images_and_skips_the_same_files(tmp_path, cache_root, monkeypatch):
     root = _folder(tmp_path / "data", per_class=40)
+    monkeypatch.setattr(cache, "POOL_MIN_FILES", 0)
+    items = _items(root)
+    cache.clear_memo()
+    images, labels, skipped = cache.decoded_images(items, 1, None, workers=2)  # every row written by a worker
+    assert torch.equal(images, decode_files(items, 1, None).images) and skipped == []
     (root / "train" / "dog" / "broken.png").write_bytes(b"not a png")
     items = _items(root)
     reference = decode_files(items, 1, None)
-    monkeypatch.setattr(cache, "POOL_MIN_FILES", 0)
     cache.clear_memo()
     images, labels, skipped = cache.decoded_images(items, 1, None, workers=2)
     assert torch.equal(images, reference.images) and torch.equal(labels, reference.labels)

@@ -174,3 +174,73 @@ def test_a_class_missing_from_either_split_is_an_error_unless_allowed(tmp_path):
     _drop_class(only_test, "train", 3)
     with pytest.raises(ClasslabError, match="no training images for '3'"):
         load_dataset(DataConfig(dataset="idx", root=str(only_test)))
+
+
+def _split_folder(root, counts=(("train", 24), ("validation", 8), ("test", 8)), classes=("happy", "sad", "fear")):
+    """root/<split>/<class>/*.png, 12x12 gray: a folder with its own validation split."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in counts:
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = (rng.integers(0, 80, (12, 12)) + 60 * c).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_each_split_says_where_it_came_from(tmp_path):
+    """Issue 26 item 5: the folder's own validation split wins over data.val_fraction, and says so; data.splits
+    carves validation from train instead; val_fraction null names the folder it leaves out."""
+    root = _split_folder(tmp_path / "faces")
+    own = load_dataset(DataConfig(dataset="fer2013", root=str(root), val_fraction=0.1))
+    assert (len(own.train), len(own.val), len(own.test)) == (72, 24, 24)
+    assert own.origins["train"] == "train/" and own.origins["test"] == "test/"
+    assert own.origins["val"].startswith("validation/; the folder's own validation split, so data.val_fraction 0.1 "
+                                         "is not used (to carve validation from train instead: data.splits: "
+                                         "{train: [train], test: [test]})")
+    studies = load_dataset(DataConfig(dataset="fer2013", root=str(root), val_fraction=0.25, split_seed=3,
+                                      splits={"train": ["train"], "test": ["validation", "test"]}))
+    assert (len(studies.train), len(studies.val), len(studies.test)) == (54, 18, 48)
+    assert studies.origins == {"train": "train/ less the validation share",
+                               "val": "carved from train by data.val_fraction 0.25 (split_seed 3)",
+                               "test": "validation/ + test/"}
+    none = load_dataset(DataConfig(dataset="fer2013", root=str(root), val_fraction=None))
+    assert none.val is None and none.origins["val"] == "none (data.val_fraction: null; validation/ not used)"
+    pool = load_dataset(DataConfig(dataset="image-folder", root=str(root / "train"), val_fraction=None))
+    assert pool.origins["test"] == "carved from the whole folder by data.test_fraction 0.2 (split_seed 0 + 1)"
+    assert pool.origins["train"] == "the whole folder less the test share"
+
+
+def test_subset_train_covers_the_folders_validation_split_as_documented(tmp_path):
+    root = _split_folder(tmp_path / "faces")
+    data = load_dataset(DataConfig(dataset="fer2013", root=str(root), val_fraction=0.1,
+                                   subset={"train": 20, "test": 9}))
+    # 20 images for training and validation together, validation in its share (24 of 96 -> 5), every class kept
+    assert (len(data.train), len(data.val), len(data.test)) == (15, 5, 9)
+    assert set(data.val.labels.tolist()) == {0, 1, 2} and set(data.train.labels.tolist()) == {0, 1, 2}
+    assert data.origins["val"].startswith("validation/, a stratified 5 of its 24 (data.subset.train)")
+    carved = load_dataset(DataConfig(dataset="fer2013", root=str(root), val_fraction=0.2, subset={"train": 20},
+                                     splits={"train": ["train"], "test": ["test"]}))
+    assert len(carved.train) + len(carved.val) == 20  # the carved split comes out of the subset too
+    with pytest.raises(ClasslabError, match="data.subset.train 200: the training and validation splits have only 96"):
+        load_dataset(DataConfig(dataset="fer2013", root=str(root), subset={"train": 200}))
+    with pytest.raises(ClasslabError, match="covers the folder's validation split too, .* at least 6 images"):
+        load_dataset(DataConfig(dataset="fer2013", root=str(root), subset={"train": 5}))
+
+
+def test_run_log_and_report_say_which_folders_made_each_split(tmp_path, run_cli):
+    from tests.conftest import tiny_study, write_study
+
+    root = _split_folder(tmp_path / "faces")
+    study = tiny_study(tmp_path, root, data={"dataset": "fer2013", "root": str(root), "val_fraction": 0.2,
+                                             "splits": {"train": ["train"], "test": ["validation", "test"]}})
+    study["train"]["epochs"] = 1
+    code, out, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
+    assert code == 0, err
+    run = next((tmp_path / "runs" / "toy").glob("*/run.log")).read_text()
+    assert "val split: carved from train by data.val_fraction 0.2 (split_seed 0)" in run
+    assert "test split: validation/ + test/" in run
+    report = (tmp_path / "runs" / "toy" / "report.md").read_text()
+    assert "- test: validation/ + test/" in report and "- val: carved from train by data.val_fraction 0.2" in report

@@ -241,7 +241,7 @@ def run_summary(cfg: RunConfig, data, result, test: TestEvaluation, parameters: 
         "device": str(device),
         "trained_together": result.stacked > 1,
         "data": {"source": data.source, "train": len(data.train), "val": len(data.val) if data.val else 0,
-                 "test": len(data.test), "skipped_files": len(data.skipped),
+                 "test": len(data.test), "skipped_files": len(data.skipped), "origins": data.origins,
                  "class_counts": {name: class_counts(split.labels, len(data.classes))
                                   for name, split in (("train", data.train), ("val", data.val), ("test", data.test))
                                   if split is not None}},

@@ -118,6 +118,7 @@ def _write_run_files(folder: RunFolder, cfg: RunConfig, data: ImageData, model: 
                                {"rows": rows, "parameters": params})
     lines = [f"data: {data.source}", f"train {len(data.train)}, val {len(data.val) if data.val else 0}, "
              f"test {len(data.test)} images, classes {data.classes}", distributed.describe()]
+    lines += [f"{name} split: {where}" for name, where in data.origins.items()]  # folders, or carved by which key
     lines += describe_preprocess(pre)  # what the model sees, where each value came from, mismatch warnings
     folder.write_run_log(lines + [f"skipped unreadable file: {s}" for s in data.skipped])
 

@@ -46,6 +46,7 @@ class ImageData:
     val: Split | None = None
     source: str = ""
     skipped: list[str] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)  # split -> where its images came from (run.log, report)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -160,19 +161,29 @@ def load_dataset(cfg: DataConfig) -> ImageData:
     _check_root_is_folder(cfg)
     raw = DATASETS.create(cfg.dataset, cfg)
     splits = dict(raw.splits)
+    origins = {name: _origin(raw, name) for name in splits}
+    if "val" in splits and cfg.val_fraction is None and getattr(cfg, "cv", None) is None:
+        splits.pop("val")  # no validation asked for: the folder's own split is not used (nor subset)
+        origins["val"] = f"none (data.val_fraction: null; {origins['val']} not used)"
+    own_val = "val" in splits and getattr(cfg, "cv", None) is None  # the folder's own split wins, and says so
     if "test" not in splits:
+        pool = "all" if "all" in splits else "train"
+        origins["test"] = (f"carved from {origins[pool]} by data.test_fraction {cfg.test_fraction} "
+                           f"(split_seed {cfg.split_seed} + 1)")
+        origins["train"] = f"{origins.pop(pool)} less the test share"
         source = splits.pop("all", None) or splits.pop("train")
         train_idx, test_idx = stratified_split(source.labels, cfg.test_fraction, cfg.split_seed + 1)
         splits["train"] = Split(source.images[train_idx], source.labels[train_idx])
         splits["test"] = Split(source.images[test_idx], source.labels[test_idx])
     elif "all" in splits:
         splits["train"] = splits.pop("all")
+        origins["train"] = origins.pop("all")
     classes = list(raw.classes)
     if cfg.subset is not None:
-        for name, limit in (("train", cfg.subset.train), ("test", cfg.subset.test)):
-            if limit is not None:  # exactly `limit` images, or an error saying why not
-                idx = stratified_subset(splits[name].labels, limit, cfg.split_seed, f"data.subset.{name}")
-                splits[name] = Split(splits[name].images[idx], splits[name].labels[idx])
+        for name, limit in _subset_sizes(cfg, splits):  # exactly `limit` images, or an error saying why not
+            idx = stratified_subset(splits[name].labels, limit, cfg.split_seed, f"data.subset.{_SUBSET_KEY[name]}")
+            origins[name] += f", a stratified {limit} of its {len(splits[name])} (data.subset.{_SUBSET_KEY[name]})"
+            splits[name] = Split(splits[name].images[idx], splits[name].labels[idx])
     if cfg.subset is not None and cfg.subset.keep:
         unknown = [name for name in cfg.subset.keep if name not in classes]
         if unknown:
@@ -181,6 +192,7 @@ def load_dataset(cfg: DataConfig) -> ImageData:
         idx = keep_fraction(splits["train"].labels, {classes.index(k): v for k, v in cfg.subset.keep.items()},
                             cfg.split_seed)
         splits["train"] = Split(splits["train"].images[idx], splits["train"].labels[idx])
+        origins["train"] += f", data.subset.keep {dict(cfg.subset.keep)}"
     if cfg.relabel is not None:
         mapping, classes = relabel(classes, cfg.relabel)
         splits = {k: Split(v.images, mapping[v.labels]) for k, v in splits.items()}
@@ -191,14 +203,63 @@ def load_dataset(cfg: DataConfig) -> ImageData:
         train, val = Split(train.images[train_idx], train.labels[train_idx]), Split(
             train.images[val_idx], train.labels[val_idx]
         )
-    elif val is not None and cfg.val_fraction is None:
-        val = None
+        origins["val"] = f"carved from train by data.val_fraction {cfg.val_fraction} (split_seed {cfg.split_seed})"
+        origins["train"] += " less the validation share"
+    elif own_val:
+        origins["val"] += _own_val_note(cfg, raw)
+    elif "val" not in origins:
+        origins["val"] = "none (data.val_fraction: null)"
     if len(train) == 0:
         raise ClasslabError(f"{raw.source}: the training split is empty")
     _check_classes(cfg, raw.source, classes, train, splits["test"])
     mean, std = _stats(cfg, raw, train)
     return ImageData(train=train, val=val, test=splits["test"], classes=classes, mean=mean, std=std,
-                     source=raw.source, skipped=list(raw.skipped))
+                     source=raw.source, skipped=list(raw.skipped),
+                     origins={k: origins[k] for k in ("train", "val", "test") if k in origins})
+
+
+_SUBSET_KEY = {"train": "train", "val": "train", "test": "test"}
+
+
+def _origin(raw: RawData, name: str) -> str:
+    """Where a split of the source came from: its folders (data.splits or the conventional names), else the
+    source's own split (IDX files, fer2013.csv's Usage column)."""
+    folders = raw.origins.get(name)
+    if folders:
+        return " + ".join("the whole folder" if f == "." else f"{f}/" for f in folders)
+    return f"the source's {name} split"
+
+
+def _own_val_note(cfg: DataConfig, raw: RawData) -> str:
+    train, test = (", ".join(raw.origins.get(name, [name])) for name in ("train", "test"))
+    return (f"; the folder's own validation split, so data.val_fraction {cfg.val_fraction} is not used (to carve "
+            f"validation from train instead: data.splits: {{train: [{train}], test: [{test}]}})")
+
+
+def _subset_sizes(cfg: DataConfig, splits: dict[str, Split]) -> list[tuple[str, int]]:
+    """data.subset as (split, images) pairs. subset.train covers the validation split too (as documented):
+    a folder's own validation split gets its share of subset.train (by its size), train the rest; a
+    validation split carved by val_fraction comes out of the subset later, by itself."""
+    assert cfg.subset is not None
+    sizes: list[tuple[str, int]] = []
+    limit = cfg.subset.train
+    if limit is not None and "val" in splits:
+        n_train, n_val = len(splits["train"]), len(splits["val"])
+        if limit > n_train + n_val:
+            raise ClasslabError(f"data.subset.train {limit}: the training and validation splits have only "
+                                f"{n_train + n_val} images together; ask for at most {n_train + n_val}")
+        k_train, k_val = (len(torch.unique(splits[name].labels)) for name in ("train", "val"))
+        val_share = max(k_val, round(limit * n_val / (n_train + n_val)))
+        if limit - val_share < k_train:
+            raise ClasslabError(f"data.subset.train {limit}: it covers the folder's validation split too, and keeping "
+                                f"every class in both needs at least {k_train + k_val} images; ask for more")
+        sizes += [("train", limit - val_share), ("val", val_share)]
+    elif limit is not None:
+        sizes.append(("train", limit))
+    if cfg.subset.test is not None:
+        sizes.append(("test", cfg.subset.test))
+    return sizes
+
 
 
 def _check_classes(cfg: DataConfig, source: str, classes: list[str], train: Split, test: Split) -> None:

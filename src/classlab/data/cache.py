@@ -5,15 +5,16 @@ result lives in one file per list of files and decode settings, under $CLASSLAB_
 <data dir>/decoded, the data dir being $CLASSLAB_DATA or ~/.cache/classlab; `CLASSLAB_CACHE=off` turns the
 cache off). The file is:
 
-    MAGIC | header length (uint32 LE) | JSON header | padding to 4 KiB | images uint8 N×C×H×W | labels int64 N
+    images uint8 N×C×H×W | labels int64 N | JSON trailer | trailer length (uint64 LE) | MAGIC
 
-The header holds the key (a SHA-256 of the files' paths, labels, sizes and modification times, the
+The images start at byte 0 (page-aligned for the map; the workers of a first decode write their rows in
+place). The trailer holds the key (a SHA-256 of the files' paths, labels, sizes and modification times, the
 channels, the size, the Pillow version and this format's version), the shape, the unreadable files and
-a CRC-32 of everything after the header. A file whose key differs (a file changed, was added or removed)
-is decoded again and replaced; one whose length or CRC does not match (torn, truncated, flipped bits) is
-never used: it is rebuilt. Files are written to a temp name and renamed (classlab.io), so a reader sees a
-whole file or none, and a lock file makes a second process wait for the first one's decode instead of
-doing it again.
+CRC-32s of the images (one per range a worker wrote) and of the labels. A file whose key differs (a
+file changed, was added or removed) is decoded again and replaced; one whose length or CRC does not
+match (torn, truncated, flipped bits) is never used: it is rebuilt. Files are written to a temp name
+and renamed (classlab.io.commit), so a reader sees a whole file or none, and a lock file makes a second
+process wait for the first one's decode instead of doing it again.
 
 Images come back as a tensor over a private (copy-on-write) memory map: every process on the machine
 shares the page-cache pages of one file, and a process that writes into its tensor gets its own copy of
@@ -27,6 +28,7 @@ import hashlib
 import json
 import os
 import struct
+import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -39,14 +41,13 @@ import numpy as np
 import PIL
 import torch
 
-from classlab.data.folder import decode_arrays
+from classlab.data.folder import UNREADABLE, decode_arrays, open_image, size_mismatch
 from classlab.data.locate import default_root
 from classlab.errors import ClasslabError
-from classlab.io import atomic_write
+from classlab.io import FILE_MODE, atomic_write, commit
 
 MAGIC = b"CLDECODE"
 FORMAT = 1  # bump when the file layout or the decoder's output changes
-ALIGN = 4096
 OFF = ("off", "0", "false", "no", "none")
 POOL_MIN_FILES = 2000  # below this the pool's start costs more than it saves
 _MEMO: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
@@ -118,8 +119,8 @@ def clear_memo() -> None:
     _MEMO.clear()
 
 
-def _cached(path: Path, key: str, items: Sequence[tuple[str | Path, int]], channels: int, size: tuple[int, int] | None,
-            workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _cached(path: Path, key: str, items: Sequence[tuple[str | Path, int]], channels: int,
+            size: tuple[int, int] | None, workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     with contextlib.suppress(FileNotFoundError, CorruptCache):
         found = read_cache(path, key)
         if found is not None:
@@ -133,17 +134,16 @@ def _cached(path: Path, key: str, items: Sequence[tuple[str | Path, int]], chann
             found = read_cache(path, key)
             if found is not None:
                 return found
-        images, labels, skipped = _decode(items, channels, size, workers)
         try:
-            write_cache(path, key, images, labels, skipped)
-        except ClasslabError as e:  # disk full, read-only: this process still has its images
+            built = build_cache(path, key, items, channels, size, workers)
+        except ClasslabError as e:  # disk full, read-only: this process still decodes its images
+            if "cannot write" not in str(e):
+                raise
             warnings.warn(f"decoded images not cached ({e}); each process decodes them again", stacklevel=3)
-            return _as_tensors(images, labels, skipped)
-    try:
-        found = read_cache(path, key)
-    except (FileNotFoundError, CorruptCache):
-        found = None
-    return found if found is not None else _as_tensors(images, labels, skipped)
+            return _as_tensors(*_decode(items, channels, size, workers))
+        if built is not None:
+            return built
+    return read_cache(path, key) or _as_tensors(*_decode(items, channels, size, workers))
 
 
 def _uncached(path: Path, e: OSError, items: Sequence[tuple[str | Path, int]], channels: int,
@@ -179,94 +179,177 @@ def _as_tensors(images: np.ndarray, labels: np.ndarray, skipped: list[str]) -> t
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), torch.from_numpy(labels), skipped
 
 
-def _decode_chunk(args: tuple[Sequence[tuple[str | Path, int]], int, tuple[int, int] | None, tuple[int, ...] | None]
-                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    return decode_arrays(*args)
+def _use_pool(workers: int, n: int) -> bool:
+    import multiprocessing
+
+    return workers > 1 and n >= POOL_MIN_FILES and "fork" in multiprocessing.get_all_start_methods()
 
 
 def _decode(items: Sequence[tuple[str | Path, int]], channels: int, size: tuple[int, int] | None,
             workers: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """N×H×W×C images, labels, skipped files: in this process, or across `workers` forked processes over
-    chunks of files (numpy and PIL only in the workers; every chunk checks its sizes against the first
-    image, decoded here)."""
-    if workers <= 1 or len(items) < POOL_MIN_FILES or "fork" not in _start_methods():
+    """In memory, no cache (CLASSLAB_CACHE=off): N×H×W×C images, labels, skipped files, in this process or
+    across `workers` forked processes over chunks of files."""
+    if not _use_pool(workers, len(items)):
         return decode_arrays(items, channels, size)
-    head, head_labels, head_skipped = decode_arrays(items[:64], channels, size)
-    if not len(head_labels):
-        return decode_arrays(items, channels, size)
-    rest = items[64:]
-    step = max(256, -(-len(rest) // (workers * 4)))  # a few chunks per worker: an even finish
-    chunks = [(rest[i:i + step], channels, size, head.shape[1:]) for i in range(0, len(rest), step)]
+    head, _, _ = decode_arrays(items[:64], channels, size)
+    like = head.shape[1:] if len(head) else None
+    step = -(-len(items) // (workers * 4))
+    chunks = [(items[i:i + step], channels, size, like) for i in range(0, len(items), step)]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
         parts = list(pool.map(_decode_chunk, chunks))
-    parts = [(head, head_labels, head_skipped), *parts]
-    kept = [p for p in parts if len(p[1])]
-    images = np.concatenate([p[0] for p in kept]) if kept else head
-    labels = np.concatenate([p[1] for p in parts])
-    return images, labels, [s for p in parts for s in p[2]]
+    kept = [p for p in parts if len(p[1])] or parts[:1]
+    return (np.concatenate([p[0] for p in kept]), np.concatenate([p[1] for p in parts]),
+            [s for p in parts for s in p[2]])
 
 
-def _start_methods() -> list[str]:
-    import multiprocessing
-
-    return multiprocessing.get_all_start_methods()
+def _decode_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    return decode_arrays(*args)
 
 
-def _header_bytes(header: dict) -> bytes:
-    body = json.dumps(header).encode()
-    raw = MAGIC + struct.pack("<I", len(body)) + body
-    return raw + b"\0" * (-len(raw) % ALIGN)
+def build_cache(path: Path, key: str, items: Sequence[tuple[str | Path, int]], channels: int,
+                size: tuple[int, int] | None, workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+    """Decode `items` straight into a temp file beside `path` (each worker fills its chunk's rows of the
+    memory-mapped file and checksums them), append labels and the trailer, fsync, rename; then read it
+    back. None when no image could be read (nothing is cached)."""
+    head, _, _ = decode_arrays(items[:64], channels, size)
+    if not len(head):  # the first files are all unreadable: decode in memory (and find out why)
+        images, labels, skipped = decode_arrays(items, channels, size)
+        if not len(labels):
+            return None
+        write_cache(path, key, np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels, skipped)
+        return read_cache(path, key)
+    like = head.shape[1:]
+    n, chw = len(items), like[2] * like[0] * like[1]
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        try:
+            os.fchmod(fd, FILE_MODE)
+            os.ftruncate(fd, n * chw)
+        finally:
+            os.close(fd)
+        step = max(64, -(-n // (max(workers, 1) * 4)))  # a few chunks per worker: an even finish
+        chunks = [(str(tmp), n, like, items[i:i + step], i, channels, size) for i in range(0, n, step)]
+        if _use_pool(workers, n):
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+                parts = list(pool.map(_fill_chunk, chunks))
+        else:
+            parts = [_fill_chunk(chunk) for chunk in chunks]
+        skipped = [s for part in parts for s in part[1]]
+        if skipped:  # rare: rows of unreadable files are left out, the rest written again in one piece
+            drop = {index for index, _ in skipped}
+            keep = np.array([i for i in range(n) if i not in drop], dtype=np.int64)
+            if not len(keep):
+                return None
+            rows = np.memmap(tmp, dtype=np.uint8, mode="r", shape=(n, like[2], like[0], like[1]))
+            labels = np.array([items[i][1] for i in keep], dtype=np.int64)
+            write_cache(path, key, np.asarray(rows[keep]), labels, [message for _, message in skipped])
+            del rows
+            return read_cache(path, key)
+        labels = np.array([label for _, label in items], dtype="<i8")
+        trailer = {"format": FORMAT, "key": key, "shape": [n, like[2], like[0], like[1]],
+                   "crc32": [[start, stop, crc] for start, stop, crc in (part[0] for part in parts)],
+                   "labels_crc32": zlib.crc32(labels), "skipped": []}
+        with open(tmp, "r+b") as f:
+            f.seek(n * chw)
+            f.write(memoryview(labels).cast("B"))
+            f.write(_trailer_bytes(trailer))
+            f.flush()
+            os.fsync(f.fileno())
+        commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return read_cache(path, key)
+
+
+def _fill_chunk(args: tuple) -> tuple[tuple[int, int, int], list[tuple[int, str]]]:
+    """Decode one chunk of files into their rows of the temp file (N×C×H×W); return the chunk's byte range
+    with its CRC-32, and the unreadable files by index. Runs in a forked worker: numpy and PIL only."""
+    tmp, n, like, chunk, start, channels, size = args
+    rows = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=(n, like[2], like[0], like[1]))
+    skipped: list[tuple[int, str]] = []
+    for offset, (path, _) in enumerate(chunk):
+        try:
+            arr = open_image(path, channels, size)
+        except UNREADABLE as e:
+            skipped.append((start + offset, f"{path} ({type(e).__name__})"))
+            continue
+        if arr.shape != like:
+            raise size_mismatch(path, arr.shape, like)
+        rows[start + offset] = arr.transpose(2, 0, 1)
+    stop = start + len(chunk)
+    crc = zlib.crc32(rows[start:stop])
+    rows.flush()
+    row = like[0] * like[1] * like[2]
+    return (start * row, stop * row, crc), skipped
+
+
+def _trailer_bytes(trailer: dict) -> bytes:
+    body = json.dumps(trailer).encode()
+    return body + struct.pack("<Q", len(body)) + MAGIC
 
 
 def write_cache(path: Path, key: str, images: np.ndarray, labels: np.ndarray, skipped: list[str]) -> None:
-    """Write images (N×H×W×C, stored N×C×H×W), labels and skipped files atomically (temp file + rename)."""
-    nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    """Write images (N×C×H×W), labels and skipped files in one go, atomically (temp file + rename)."""
+    images = np.ascontiguousarray(images)
     labels = np.ascontiguousarray(labels, dtype="<i8")
-    crc = zlib.crc32(labels, zlib.crc32(nchw))
-    header = {"format": FORMAT, "key": key, "shape": list(nchw.shape), "crc32": crc, "skipped": skipped}
-    head = _header_bytes(header)
+    trailer = {"format": FORMAT, "key": key, "shape": list(images.shape),
+               "crc32": [[0, images.nbytes, zlib.crc32(images)]], "labels_crc32": zlib.crc32(labels),
+               "skipped": skipped}
 
     def write(f: IO[bytes]) -> None:
-        f.write(head)
-        f.write(memoryview(nchw).cast("B"))
+        f.write(memoryview(images).cast("B"))
         f.write(memoryview(labels).cast("B"))
+        f.write(_trailer_bytes(trailer))
 
     atomic_write(path, write)
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """The header and the offset of the images; CorruptCache when the file is not a whole cache file."""
+def read_trailer(path: Path) -> dict:
+    """The trailer (key, shape, CRCs, skipped files); CorruptCache when the file is not a whole cache file."""
+    tail = len(MAGIC) + 8
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        start = f.read(len(MAGIC) + 4)
-        if len(start) < len(MAGIC) + 4 or start[: len(MAGIC)] != MAGIC:
-            raise CorruptCache(f"{path}: not a classlab decoded-image cache file")
-        (length,) = struct.unpack("<I", start[len(MAGIC):])
+        if size < tail:
+            raise CorruptCache(f"{path}: {size} bytes, too short for a classlab decoded-image cache file")
+        f.seek(size - tail)
+        end = f.read(tail)
+        if end[8:] != MAGIC:
+            raise CorruptCache(f"{path}: not a whole classlab decoded-image cache file (no end marker)")
+        (length,) = struct.unpack("<Q", end[:8])
+        if length > size - tail:
+            raise CorruptCache(f"{path}: trailer length {length} beyond the file")
+        f.seek(size - tail - length)
         body = f.read(length)
     try:
-        header = json.loads(body)
-        n, c, h, w = (int(v) for v in header["shape"])
+        trailer = json.loads(body)
+        n, c, h, w = (int(v) for v in trailer["shape"])
+        ranges = [(int(a), int(b), int(crc)) for a, b, crc in trailer["crc32"]]
+        int(trailer["labels_crc32"])
     except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCache(f"{path}: unreadable header ({e})") from None
-    offset = len(MAGIC) + 4 + length
-    offset += -offset % ALIGN
-    if os.path.getsize(path) != offset + n * c * h * w + 8 * n:
-        raise CorruptCache(f"{path}: {os.path.getsize(path)} bytes, not the header's {offset + n * c * h * w + 8 * n}")
-    return header, offset
+        raise CorruptCache(f"{path}: unreadable trailer ({e})") from None
+    if size != n * c * h * w + 8 * n + length + tail or n < 1:
+        raise CorruptCache(f"{path}: {size} bytes, not what its trailer says")
+    if sum(b - a for a, b, _ in ranges) != n * c * h * w or any(a < 0 or b > n * c * h * w for a, b, _ in ranges):
+        raise CorruptCache(f"{path}: its checksums do not cover the images")
+    return trailer
 
 
 def read_cache(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
     """The cached images as a tensor over a copy-on-write memory map, or None when the file is for other
     files (stale); CorruptCache when it is damaged (checked by length and CRC-32 before any use)."""
-    header, offset = read_header(path)
-    if header.get("format") != FORMAT or header.get("key") != key:
+    trailer = read_trailer(path)
+    if trailer.get("format") != FORMAT or trailer.get("key") != key:
         return None
-    n, c, h, w = header["shape"]
-    mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(n * c * h * w + 8 * n,))
-    if zlib.crc32(mapped) != header["crc32"]:
+    n, c, h, w = trailer["shape"]
+    mapped = np.memmap(path, dtype=np.uint8, mode="c", shape=(n * c * h * w + 8 * n,))
+    if any(zlib.crc32(mapped[a:b]) != crc for a, b, crc in trailer["crc32"]) or \
+            zlib.crc32(mapped[n * c * h * w:]) != trailer["labels_crc32"]:
         raise CorruptCache(f"{path}: CRC-32 mismatch")
     images = torch.from_numpy(mapped[: n * c * h * w].reshape(n, c, h, w))
     labels = torch.from_numpy(mapped[n * c * h * w:].view("<i8").astype(np.int64))
-    return images, labels, list(header.get("skipped", []))
+    return images, labels, list(trailer.get("skipped", []))
 
 
-__all__ = ["decoded_images", "cache_dir", "cache_key", "clear_memo", "read_cache", "write_cache", "CorruptCache"]
+__all__ = ["decoded_images", "build_cache", "cache_dir", "cache_key", "clear_memo", "read_cache", "write_cache",
+           "CorruptCache"]

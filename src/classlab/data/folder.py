@@ -18,6 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from classlab.decode import GRAY_MODES, decode
 from classlab.errors import ClasslabError
 
+# what a broken or odd file raises while decoding: it is skipped and listed, never fatal
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
 
@@ -101,20 +103,22 @@ def decode_arrays(items: Sequence[tuple[str | Path, int]], channels: int, size: 
     for path, label in items:
         try:
             arr = open_image(path, channels, size)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except UNREADABLE as e:
             skipped.append(f"{path} ({type(e).__name__})")
             continue
         first = like or (arrays[0].shape if arrays else None)
         if first is not None and arr.shape != first:
-            raise ClasslabError(
-                f"{path}: size {arr.shape[1]}×{arr.shape[0]} differs from {first[1]}×{first[0]} "
-                "of the first image; set data.image_size: [H, W] to resize all images at load time"
-            )
+            raise size_mismatch(path, arr.shape, first)
         arrays.append(arr)
         labels.append(label)
     if not arrays:
         return np.empty((0, 1, 1, channels), np.uint8), np.empty(0, np.int64), skipped
     return np.stack(arrays), np.asarray(labels, dtype=np.int64), skipped
+
+
+def size_mismatch(path: str | Path, shape: tuple[int, ...], first: tuple[int, ...]) -> ClasslabError:
+    return ClasslabError(f"{path}: size {shape[1]}×{shape[0]} differs from {first[1]}×{first[0]} of the first image; "
+                         "set data.image_size: [H, W] to resize all images at load time")
 
 
 def decode_files(items: Sequence[tuple[str | Path, int]], channels: int, size: tuple[int, int] | None) -> FolderSplit:
