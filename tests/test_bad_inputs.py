@@ -704,13 +704,32 @@ def test_corrupt_png_among_good_ones_is_skipped_and_counted(tmp_path: Path, run_
     (root / "train" / "dog" / "half.png").write_bytes(good[: len(good) // 2])
     code, out, err = run_cli(*_folder_study(tmp_path, root))
     assert code == 0, err
-    assert "Traceback" not in err and "skipped 2 unreadable file(s)" in out
+    assert "Traceback" not in err and "skipped 2 file(s) (unreadable, or hidden)" in out
     run = tmp_path / "runs" / "toy" / "base"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["data"]["skipped_files"] == 2
     assert summary["data"]["train"] + summary["data"]["val"] == 24
     log = (run / "run.log").read_text()
     assert "broken.png" in log and "half.png" in log
+
+
+def test_hidden_files_and_folders_are_not_data_and_are_listed(tmp_path: Path, run_cli) -> None:
+    """Issue 26.6: .ipynb_checkpoints/ inside a class folder (and a macOS ._ file) are tools' copies: not trained as
+    that class, and run.log names what was left out."""
+    root = _png_folder(tmp_path / "photos")
+    good = (root / "train" / "dog" / "000.png").read_bytes()
+    (root / "train" / "cat" / ".ipynb_checkpoints").mkdir()
+    for i in range(3):
+        (root / "train" / "cat" / ".ipynb_checkpoints" / f"{i:03d}-checkpoint.png").write_bytes(good)
+    (root / "train" / "dog" / "._000.png").write_bytes(good)
+    code, out, err = run_cli(*_folder_study(tmp_path, root))
+    assert code == 0, err
+    assert "skipped 2 file(s) (unreadable, or hidden)" in out
+    run = tmp_path / "runs" / "toy" / "base"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["train"] + summary["data"]["val"] == 24  # as without them
+    log = (run / "run.log").read_text()
+    assert ".ipynb_checkpoints/ (hidden: not read as data)" in log and "._000.png (hidden: not read as data)" in log
 
 
 def test_non_finite_loss_fails_that_run_and_the_study_goes_on(tmp_path: Path, run_cli) -> None:
