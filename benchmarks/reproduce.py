@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from classlab.comparison import stat, variant_of
+from classlab.evidence import stat, variant_of
 from classlab.study import run_study
 
 REPO = Path(__file__).resolve().parents[1]

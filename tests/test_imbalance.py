@@ -120,8 +120,9 @@ def test_early_stopping_and_select_on_macro_f1(idx_folder):
     (result,) = fit([model], data, [cfg], pre, CPU)
     f1s = [r["val_macro_f1"] for r in result.history]
     assert result.kept_epoch == 1 + int(np.argmax(f1s))
-    from classlab.plan import select_variant
+    from classlab.evidence import select_variant, validation_scores
 
     summaries = [{"name": "a", "kept_val": {"macro_f1": 0.5, "balanced_accuracy": 0.9}},
                  {"name": "b", "kept_val": {"macro_f1": 0.7, "balanced_accuracy": 0.6}}]
-    assert select_variant(summaries, "macro_f1") == "b" and select_variant(summaries, "balanced_accuracy") == "a"
+    assert select_variant(validation_scores(summaries, "macro_f1")) == "b"
+    assert select_variant(validation_scores(summaries, "balanced_accuracy")) == "a"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from classlab.comparison import compare_runs
+from classlab.evidence import compare_runs
 from classlab.report import make_report
 from classlab.report.context import build_context, comparison_rows, confused_pairs
 from classlab.report.load import RunData
@@ -343,7 +343,7 @@ def test_runs_come_in_the_recorded_study_order_else_natural_order(tmp_path):
 
 
 def test_no_seed_interval_from_two_seeds():
-    from classlab.comparison import within_noise
+    from classlab.evidence import within_noise
 
     two = [_run(f"a-seed{s}", acc, s) for s, acc in enumerate((0.80, 0.84))]
     two += [_run(f"b-seed{s}", acc, s) for s, acc in enumerate((0.10, 0.95))]

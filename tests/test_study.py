@@ -93,7 +93,7 @@ def test_seeds_give_mean_and_std_in_the_comparison(tmp_path, idx_folder, run_cli
     study["train"]["epochs"] = 1
     code, out, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
     assert code == 0, err
-    from classlab.comparison import compare_runs
+    from classlab.evidence import compare_runs
     from classlab.runs import find_runs
 
     summaries = [r.read_summary() for r in find_runs(tmp_path / "runs" / "toy")]
@@ -137,16 +137,20 @@ def test_mlp_grid_cells_train_together_into_their_own_folders(tmp_path, idx_fold
     assert code == 0 and out.count("already complete, skipped") == 4
 
 
-def test_select_rule_lower_bound_prefers_the_stable_variant():
-    from classlab.plan import select_variant
+def test_select_ranks_with_the_seed_spread_pooled_over_cells():
+    from classlab.evidence import select_variant, validation_scores
 
     def runs(variant, accs):
         return [{"name": f"{variant}-seed{i}", "kept_val": {"accuracy": a, "loss": 1 - a}} for i, a in enumerate(accs)]
 
     summaries = runs("noisy", [0.97, 0.75, 0.96]) + runs("stable", [0.86, 0.87, 0.86])
-    assert select_variant(summaries, "val_accuracy") == "noisy"  # the higher mean
-    assert select_variant(summaries, "val_accuracy", "lower_bound") == "stable"
-    assert select_variant(summaries, "val_loss", "lower_bound") == "stable"
+    assert select_variant(validation_scores(summaries, "val_accuracy")) == "noisy"  # the higher mean
+    # equal seeds: one spread pooled over the cells, so the lower bound ranks as the mean does
+    assert select_variant(validation_scores(summaries, "val_accuracy"), "lower_bound") == "noisy"
+    assert select_variant(validation_scores(summaries, "val_loss"), "lower_bound", higher_is_better=False) == "noisy"
+    # a one-seed cell is not ranked above the others on one lucky seed: its bound uses the pooled spread
+    lucky = validation_scores(summaries + runs("lucky", [0.99])[:1], "val_accuracy")
+    assert select_variant(lucky, "lower_bound") == "noisy"
 
 
 def test_grid_cell_names_say_which_number_is_which():

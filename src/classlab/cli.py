@@ -51,7 +51,7 @@ def print_comparison(summaries: list[dict], title: str, folder: Path | None = No
                      reference: str | None = None) -> None:
     """The comparison table; given the study folder, also each variant's accuracy difference against the
     reference (`reference`, else the first variant) with its 95% interval and the paired test's verdict."""
-    from classlab.comparison import against_reference, compare_runs
+    from classlab.evidence import against_reference, compare_runs
 
     rows = compare_runs(summaries)
     tests: list[dict] = []
@@ -77,7 +77,12 @@ def print_comparison(summaries: list[dict], title: str, folder: Path | None = No
     out.print(table)  # never squeeze numbers into "8…" on an 80-column log: print this table wider
     if tests:
         methods = "; ".join(dict.fromkeys(t["test"] for t in tests if t["test"]))
-        lines = [f"verdict: paired test on the same test images, α = 0.05, Holm-corrected; {methods}"]
+        from classlab import evidence
+
+        asked = dict.fromkeys(t["question"] for t in tests if t.get("question"))
+        lines = [f"verdict: α = 0.05, Holm-corrected; {methods}"]
+        lines += [f"  question {q}: {evidence.QUESTIONS[q]}" for q in asked]
+        lines += [f"  {t['a']}: {t['note']}" for t in tests if t["metric"] == "accuracy" and t.get("note")]
         lines += [f"  {t['a']}: {t['power']}" for t in tests if t["metric"] == "accuracy" and t.get("power")]
         lines += [f"  {t['a']}: not compared: {t['reason']}" for t in tests if t["metric"] == "accuracy"
                   and t.get("reason")]

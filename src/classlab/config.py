@@ -669,6 +669,18 @@ class Select(Strict):
         "mean", description="mean over seeds, or lower_bound: the best lower 95% confidence bound")
     variant: str | None = Field(
         None, description="pin this variant by name instead (the metric's pick is still printed)")
+    confirm_seeds: int | list[int] | Literal["auto"] | None = Field(
+        "auto", description="train the selected variant again with fresh seeds (disjoint from seeds), the "
+        "comparisons' test reference, so the selection's lucky seeds are not: auto = as many as seeds, numbered "
+        "after the largest, when there are >= 2 seeds; a count; a list of seeds; 0 or none = off")
+
+
+class Evidence(Strict):
+    """What the verdicts' power note measures against (classlab.evidence)."""
+
+    min_effect: float | None = Field(
+        None, gt=0, lt=1, description="the smallest difference worth detecting, as a fraction (0.005 = half a "
+        "point of accuracy): the power note says how many seeds (or test images) would detect it")
 
 
 class MLflowTrack(Strict):
@@ -709,6 +721,17 @@ class StudyConfig(Strict):
     retrain_on: Literal["train+val"] | None = Field(
         None, description="after select: train the chosen variant again on train + validation, report test")
     track: Track = Field(Track(), description="experiment trackers to log every run to")
+    evidence: Evidence = Field(Evidence(), description="the verdicts' power note: the difference worth detecting")
+
+    @model_validator(mode="after")
+    def _confirm_seeds_are_fresh(self) -> StudyConfig:
+        chosen = self.select.confirm_seeds if self.select is not None else None
+        if isinstance(chosen, int) and chosen < 0:
+            raise ValueError("select.confirm_seeds: a count must be >= 0")
+        if isinstance(chosen, list) and (set(chosen) & set(self.seeds) or len(set(chosen)) != len(chosen)):
+            raise ValueError("select.confirm_seeds must be distinct and differ from seeds (fresh seeds confirm the "
+                             "selected variant)")
+        return self
 
     @model_validator(mode="after")
     def _retrain_needs_select(self) -> StudyConfig:

@@ -1,42 +1,158 @@
-"""Is the difference real? Paired tests on one shared test set, verdicts, Holm correction, a power note,
-seed-aware selection and the per-class diff of two variants.
+"""Is the difference real? The study's statistics in one module: the comparison table (mean ± sd over seeds),
+the tests behind every verdict, Holm, an honest power note, selection without the winner's curse, and the
+per-class diff of two variants.
 
 Pure functions on plain arrays (labels and predictions as read from run folders), so the report, the
 terminal table and a script all reach the same conclusion from the same files. Every random draw comes
 from a seeded generator: the same run folders give the same intervals and p-values.
 
-Methods, and why:
-- one seed per variant: McNemar's exact test on per-image correctness (the accuracy difference of two
-  classifiers on the same images is decided by the images exactly one of them gets right), and a paired
-  bootstrap over test images (the same resampled images for both) for the accuracy and macro-F1 intervals;
-- several seeds: a hierarchical bootstrap, resampling seeds within each variant and then test images
-  (shared by every run), so both the seed-to-seed spread and test-set sampling enter the interval. With
-  2-3 seeds the seed spread is itself estimated from 1-2 degrees of freedom, so the interval and p-value use
-  the bootstrap standard error with a Student t reference (Welch-Satterthwaite degrees of freedom) instead
-  of normal-theory percentiles, which would claim differences 2 seeds cannot support.
+Every verdict answers a named question (docs/decisions.md, "Verdicts you can bet on"):
+- `settings`: would the difference hold on other seeds? Needs seeds on both sides. ≥ 2 seeds each: Welch's
+  t test on the per-seed metrics (each run's accuracy / macro F1 on the shared test set), which holds α for
+  2-5 seeds, unequal seed spreads, any test-set size and heavy-tailed seed effects
+  (benchmarks/evidence_calibration.py). One seed against k ≥ 2: a prediction-interval t test (is the one run
+  where the other variant's next seed would land?) on the k seeds, df = k − 1. Cross-validation folds: the
+  corrected resampled t test of Nadeau & Bengio, paired by (repeat, fold).
+- `models`: do these two trained models differ on this test set? One seed per variant can only answer this:
+  McNemar's exact test for accuracy, a paired bootstrap over test images for macro F1 and the intervals.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
-
-from classlab.comparison import variant_of
+from scipy import optimize, special, stats
 
 ALPHA = 0.05
 POWER = 0.8
 N_BOOT = 1000
 METRICS = ("accuracy", "macro_f1")
+SETTINGS, MODELS = "settings", "models"  # the question a verdict answers
+QUESTIONS = {SETTINGS: "would the difference hold on other seeds?",
+             MODELS: "do these two trained models differ on this test set?"}
 MCNEMAR = "McNemar exact test (binomial on discordant pairs)"
 PAIRED = "paired bootstrap over test images"
-HIERARCHICAL = "hierarchical bootstrap over seeds and test images"
+WELCH = "Welch t test on per-seed metrics"
+PREDICTION = "prediction-interval t test (one run against the other variant's seeds)"
+FOLDS = "corrected resampled t test over folds (Nadeau & Bengio)"
 BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no detectable difference"
+MODEL_BETTER, MODEL_WORSE = "better model (1 seed)", "worse model (1 seed)"  # a `models` verdict's own words
+DETECTED = (BETTER, WORSE, MODEL_BETTER, MODEL_WORSE)
 CORRECTION = "Holm over the comparisons of each metric"
+SETTINGS_FILE = "evidence.json"  # beside the run folders: the selected variant, select.by, evidence.min_effect
+MAX_SEEDS_NEEDED = 200  # beyond this, "seeds needed" is reported as more than this
+WELCH_DRAWS = 10_000  # simulated designs behind Welch's power
 _CHUNK = 2_000_000  # resampled image indices held at once (16 MB)
+
+# ----------------------------------------------------------------------------- the comparison table
+
+SEED_SUFFIX = re.compile(r"(?:-seed\d+)?(?:-r\d+-fold\d+|-fold\d+)?$")  # seeds and data.cv folds of one variant
+
+# Fewest seeds for an interval over seeds: with 2, Student's t is 12.7 and the 95% interval of the mean spans
+# nearly any accuracy ([0, 100] once clipped), so it is not shown and seed noise counts as not estimated.
+MIN_SEEDS_FOR_INTERVAL = 3
+
+
+def variant_of(run_name: str) -> str:
+    return SEED_SUFFIX.sub("", run_name)
+
+
+def t_quantile(q: float, df: float) -> float:
+    """Student's t quantile (the normal's for infinite df)."""
+    return float(special.ndtri(q)) if not math.isfinite(df) else float(special.stdtrit(df, q))
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float  # sample std (ddof=1); 0 for one seed
+    n: int
+
+    @property
+    def has_interval(self) -> bool:
+        """Enough seeds for a 95% interval over seeds that says something (MIN_SEEDS_FOR_INTERVAL)."""
+        return self.n >= MIN_SEEDS_FOR_INTERVAL
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95% confidence interval of the mean (t distribution)."""
+        if self.n < 2:
+            return 0.0
+        return t_quantile(0.975, self.n - 1) * self.std / math.sqrt(self.n)
+
+    def format(self, scale: float = 1.0, digits: int = 2) -> str:
+        if self.n < 2:
+            return f"{self.mean * scale:.{digits}f}"
+        return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f}"
+
+
+def stat(values: list[float]) -> Stat:
+    arr = np.asarray(values, dtype=float)
+    return Stat(float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, len(arr))
+
+
+@dataclass(frozen=True)
+class VariantRow:
+    variant: str
+    runs: list[str]
+    accuracy: Stat
+    loss: Stat
+    macro_f1: Stat
+    parameters: int
+    epochs: Stat
+    seconds: Stat
+    val_accuracy: Stat | None
+
+
+def compare_runs(summaries: list[dict]) -> list[VariantRow]:
+    groups: dict[str, list[dict]] = {}
+    for s in summaries:
+        groups.setdefault(variant_of(s["name"]), []).append(s)
+    rows = []
+    for variant, runs in groups.items():
+        vals = [r["best_val"]["accuracy"] for r in runs if r.get("best_val")]
+        rows.append(VariantRow(
+            variant=variant,
+            runs=[r["name"] for r in runs],
+            accuracy=stat([r["test"]["accuracy"] for r in runs]),
+            loss=stat([r["test"]["loss"] for r in runs]),
+            macro_f1=stat([r["test"]["macro"]["f1"] for r in runs]),
+            parameters=int(runs[0]["parameters"]["total"]),
+            epochs=stat([r["epochs_run"] for r in runs]),
+            seconds=stat([r["seconds"] for r in runs]),
+            val_accuracy=stat(vals) if len(vals) == len(runs) else None,
+        ))
+    return rows
+
+
+def within_noise(a: Stat, b: Stat) -> bool:
+    """True when two variants' means differ by less than their combined seed noise (needs ≥ 3 seeds each)."""
+    if not (a.has_interval and b.has_interval):
+        return False
+    return abs(a.mean - b.mean) < math.sqrt(a.ci95**2 + b.ci95**2)
+
+
+def against_reference(variant: str, tests: list[dict], metric: str = "accuracy") -> tuple[str, str]:
+    """(difference against the reference in points with its 95% interval, verdict) for one variant's row of
+    the comparison table, from compare_study's rows; ('reference', 'reference') for the reference."""
+    if not tests:
+        return "—", "—"
+    if variant == tests[0]["b"]:
+        return "reference", "reference"
+    row = next((t for t in tests if t["a"] == variant and t["metric"] == metric), None)
+    if row is None:
+        return "—", "—"
+    if row["diff"] is None:
+        return "—", str(row["verdict"])
+    return (f"{row['diff'] * 100:+.2f} [{row['ci_low'] * 100:+.2f}, {row['ci_high'] * 100:+.2f}]",
+            str(row["verdict"]))
+
+
+# ----------------------------------------------------------------------------- predictions
 
 
 @dataclass(frozen=True)
@@ -73,17 +189,7 @@ def run_predictions(name: str, y_true: np.ndarray, probs: np.ndarray | None = No
                           None if train_size is None else int(train_size))
 
 
-# ----------------------------------------------------------------------------- tests of one pair
-
-
-def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
-    """Two-sided exact McNemar p-value: under 'equally accurate', each discordant image is a fair coin."""
-    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
-    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    return float(min(1.0, 2 * stats.binom.cdf(min(only_a, only_b), n, 0.5)))
+# ----------------------------------------------------------------------------- confusion matrices and image resamples
 
 
 def confusions(y_true: np.ndarray, y_pred: np.ndarray, k: int, index: np.ndarray | None = None) -> np.ndarray:
@@ -127,85 +233,114 @@ def replicate_stats(y_true: np.ndarray, preds: Sequence[np.ndarray], k: int, n_b
     return point, draws
 
 
+# ----------------------------------------------------------------------------- the tests of one pair
+
+
 @dataclass(frozen=True)
-class Difference:
-    """The difference a − b of every statistic, with its bootstrap draws and the seed-variance parts."""
+class Test:
+    """One statistic's difference a − b with its 95% interval, p, the test's name and degrees of freedom."""
 
-    point: np.ndarray  # S
-    draws: np.ndarray  # B×S
-    seed_var: np.ndarray  # S: variance of (mean of a) − (mean of b) due to seeds; 0 when unknown
-    seed_df: np.ndarray  # S: Welch-Satterthwaite degrees of freedom of seed_var (inf: no seed part)
-    seed_var_runs: tuple[np.ndarray, np.ndarray]  # S each: the per-seed variance of a and of b
-    hierarchical: bool
-
-
-def _seed_draws(draws: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Resample seeds within a variant, per bootstrap draw; deviations scaled by sqrt(m/(m−1)) so the
-    resampled mean's variance is s²/m rather than the plug-in's (m−1)/m · s²/m (half of it for 2 seeds)."""
-    m, b = draws.shape[:2]
-    mean = draws.mean(0)
-    pick = rng.integers(0, m, size=(b, m))
-    resampled = draws[pick, np.arange(b)[:, None]].mean(1)
-    return mean + math.sqrt(m / (m - 1)) * (resampled - mean)
+    diff: float
+    low: float
+    high: float
+    p: float
+    se: float
+    df: float
+    name: str
 
 
-def _borrowed_seed(draws_one: np.ndarray, draws_other: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A one-seed variant's draws plus one seed deviation of the other variant: its seed noise is unknown,
-    so it is assumed to be as large as the other's."""
-    m, b = draws_other.shape[:2]
-    pick = rng.integers(0, m, size=b)
-    deviation = draws_other[pick, np.arange(b)] - draws_other.mean(0)
-    return draws_one[0] + math.sqrt(m / (m - 1)) * deviation
+def _t_result(diff: float, se: float, df: float, name: str, alpha: float = ALPHA) -> Test:
+    """diff ± t·se and the two-sided t p-value; se = 0 says 'exactly' (p 1 for a zero difference, else 0)."""
+    if not se > 0:
+        return Test(diff, diff, diff, 1.0 if diff == 0 else 0.0, 0.0, df, name)
+    half = t_quantile(1 - alpha / 2, df) * se
+    t = abs(diff) / se
+    p = 2 * float(special.stdtr(df, -t) if math.isfinite(df) else special.ndtr(-t))
+    return Test(diff, diff - half, diff + half, min(p, 1.0), se, df, name)
 
 
-def difference(point_a: np.ndarray, draws_a: np.ndarray, point_b: np.ndarray, draws_b: np.ndarray,
-               seed: int = 0) -> Difference:
-    """a − b from per-run statistics (runs×S and runs×B×S on shared image resamples): a paired bootstrap with
-    one seed each, the hierarchical bootstrap (seeds, then images) when either side has ≥ 2 seeds."""
-    rng = np.random.default_rng(seed)
-    m, k = len(point_a), len(point_b)
-    var_a = point_a.var(0, ddof=1) if m > 1 else None
-    var_b = point_b.var(0, ddof=1) if k > 1 else None
-    if m == 1 and k == 1:
-        zero = np.zeros(point_a.shape[1])
-        return Difference(point_a[0] - point_b[0], draws_a[0] - draws_b[0], zero, np.full_like(zero, np.inf),
-                          (zero, zero), False)
-    star_a = _seed_draws(draws_a, rng) if m > 1 else _borrowed_seed(draws_a, draws_b, rng)
-    star_b = _seed_draws(draws_b, rng) if k > 1 else _borrowed_seed(draws_b, draws_a, rng)
-    # a one-seed side borrows the other's seed variance (and its degrees of freedom)
-    va, dfa = (var_a / m, m - 1) if var_a is not None else (var_b, k - 1)
-    vb, dfb = (var_b / k, k - 1) if var_b is not None else (var_a, m - 1)
-    seed_var = va + vb
-    denominator = va**2 / dfa + vb**2 / dfb
-    seed_df = np.divide(seed_var**2, denominator, out=np.full_like(seed_var, np.inf), where=denominator > 0)
-    per_run = (var_a if var_a is not None else var_b, var_b if var_b is not None else var_a)
-    return Difference(point_a.mean(0) - point_b.mean(0), star_a - star_b, seed_var, seed_df, per_run, True)
+def welch_df(var_a: float, m: int, var_b: float, k: int) -> float:
+    """Welch-Satterthwaite degrees of freedom of var_a/m + var_b/k (m, k ≥ 2)."""
+    va, vb = var_a / m, var_b / k
+    denominator = va**2 / (m - 1) + vb**2 / (k - 1)
+    return float((va + vb) ** 2 / denominator) if denominator > 0 else float(m + k - 2)
 
 
-def _t_quantile(df: float, q: float = 0.975) -> float:
-    return float(stats.norm.ppf(q)) if not math.isfinite(df) or df > 1e6 else float(stats.t.ppf(q, df))
+def welch(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> Test:
+    """Welch's t test of mean(a) − mean(b) over per-seed metrics (≥ 2 seeds each): the settings question.
+    Each run's metric already holds its own test-set noise, so seeds are the only unit resampled."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    va, vb = float(a.var(ddof=1)), float(b.var(ddof=1))
+    se = math.sqrt(va / len(a) + vb / len(b))
+    return _t_result(float(a.mean() - b.mean()), se, welch_df(va, len(a), vb, len(b)), WELCH, alpha)
 
 
-def interval_and_p(point: float, draws: np.ndarray, seed_var: float, seed_df: float,
-                   hierarchical: bool) -> tuple[float, float, float]:
-    """(low, high, two-sided p) of one statistic's difference.
+def prediction_t(one: float, others: Sequence[float], alpha: float = ALPHA) -> Test:
+    """One run against k ≥ 2 seeds of the other variant: would the other's next seed land this far away?
+    t = (x − ȳ) / (s·√(1 + 1/k)), df = k − 1. Valid when the one-seed variant varies across seeds no more than
+    the other (its spread cannot be measured from one seed)."""
+    y = np.asarray(others, float)
+    se = float(y.std(ddof=1)) * math.sqrt(1 + 1 / len(y))
+    return _t_result(float(one - y.mean()), se, len(y) - 1, PREDICTION, alpha)
 
-    Paired bootstrap: percentile interval, p from the null-shifted draws. Hierarchical: point ± t·SE with the
-    bootstrap SE and Welch-Satterthwaite degrees of freedom (image noise counts as infinitely many)."""
-    if not hierarchical:
-        low, high = np.quantile(draws, [0.025, 0.975])
-        p = (1 + np.sum(np.abs(draws - point) >= abs(point) - 1e-12)) / (len(draws) + 1)
-        return float(low), float(high), float(min(p, 1.0))
-    var = float(draws.var(ddof=1))
-    se = math.sqrt(var)
-    if se == 0:
-        return point, point, 1.0 if point == 0 else 0.0
-    # Welch-Satterthwaite: total variance² over the seed parts' variance²/df (the image part has df ≈ ∞)
-    df = var**2 * seed_df / seed_var**2 if seed_var > 0 and math.isfinite(seed_df) else math.inf
-    df = max(df, 1.0)
-    half = _t_quantile(df) * se
-    p = 2 * (stats.t.sf(abs(point) / se, df) if math.isfinite(df) else stats.norm.sf(abs(point) / se))
-    return point - half, point + half, float(min(p, 1.0))
+
+def settings_test(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> Test:
+    """The settings question from per-seed values: Welch with ≥ 2 seeds each, the prediction t with 1 against k."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) >= 2 and len(b) >= 2:
+        return welch(a, b, alpha)
+    if len(a) == 1 and len(b) >= 2:
+        return prediction_t(float(a[0]), b, alpha)
+    if len(b) == 1 and len(a) >= 2:
+        t = prediction_t(float(b[0]), a, alpha)
+        return Test(-t.diff, -t.high, -t.low, t.p, t.se, t.df, t.name)
+    raise ValueError("the settings question needs ≥ 2 seeds on at least one side")
+
+
+def corrected_resampled_t(diffs: Sequence[float], test_train_ratio: float, alpha: float = ALPHA) -> Test:
+    """Nadeau & Bengio's corrected resampled t test of paired per-fold differences (with repeats: the
+    corrected repeated k-fold t test of Bouckaert & Frank): var = (1/J + n_test/n_train)·s², df = J − 1.
+    Folds share training data, so their differences are correlated and the plain 1/J would be too liberal."""
+    d = np.asarray(diffs, float)
+    if len(d) < 2:
+        raise ValueError("the corrected resampled t test needs at least 2 folds")
+    se = math.sqrt((1 / len(d) + test_train_ratio) * float(d.var(ddof=1)))
+    return _t_result(float(d.mean()), se, len(d) - 1, FOLDS, alpha)
+
+
+def fold_test(scores_a: Mapping[tuple[int, int], float], scores_b: Mapping[tuple[int, int], float],
+              n_train: Mapping[tuple[int, int], int] | None, n_test: Mapping[tuple[int, int], int],
+              alpha: float = ALPHA) -> Test:
+    """The fold-paired settings test from per-fold scores keyed by (repeat, fold) (averaged over seeds by the
+    caller), each fold's training and held-out sizes. Without training sizes, k folds give n_test/n_train
+    = 1/(k − 1)."""
+    keys = sorted(set(scores_a) & set(scores_b))
+    if n_train and all(n_train.get(key) for key in keys):
+        ratio = float(np.mean([n_test[key] / n_train[key] for key in keys]))
+    else:
+        folds = len({f for _, f in keys})
+        ratio = 1 / max(folds - 1, 1)
+    return corrected_resampled_t([scores_a[key] - scores_b[key] for key in keys], ratio, alpha)
+
+
+# ----------------------------------------------------------------------------- one-seed `models` questions
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
+    """Two-sided exact McNemar p-value: under 'equally accurate', each discordant image is a fair coin."""
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    return float(min(1.0, 2 * stats.binom.cdf(min(only_a, only_b), n, 0.5)))
+
+
+def bootstrap_test(point: float, draws: np.ndarray, alpha: float = ALPHA) -> Test:
+    """A paired image bootstrap's percentile interval and p from the null-shifted draws."""
+    low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
+    p = (1 + np.sum(np.abs(draws - point) >= abs(point) - 1e-12)) / (len(draws) + 1)
+    return Test(point, float(low), float(high), float(min(p, 1.0)), float(draws.std(ddof=1)), math.inf, PAIRED)
 
 
 # ----------------------------------------------------------------------------- a study's family of comparisons
@@ -225,63 +360,135 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
 
 
 def verdict(diff: float, ci: tuple[float, float], p_adjusted: float | None, alpha: float = ALPHA,
-            higher_is_better: bool = True) -> str:
-    """'better' / 'worse' (a against b) only when the adjusted p is below α and the interval excludes 0."""
+            higher_is_better: bool = True, question: str = SETTINGS) -> str:
+    """'better' / 'worse' (a against b) only when the adjusted p is below α and the interval excludes 0; a
+    `models` question says so in its own words ('better model (1 seed)')."""
     low, high = ci
     if p_adjusted is None or p_adjusted >= alpha or low <= 0 <= high:
         return NO_DIFFERENCE
-    return BETTER if (diff > 0) == higher_is_better else WORSE
+    better = (diff > 0) == higher_is_better
+    if question == MODELS:
+        return MODEL_BETTER if better else MODEL_WORSE
+    return BETTER if better else WORSE
 
 
-def power_note(diff: float, se_images: float, seed_var_runs: tuple[float, float] | None, n_seeds: tuple[int, int],
-               n_images: int, alpha: float = ALPHA, power: float = POWER) -> dict:
-    """Roughly how many seeds (per variant) or test images would detect `diff` at α with the given power, if it
-    were the true difference: needs |diff| ≥ (z₁₋α/₂ + z_power) · SE, with SE² = image part · n/n' + seed part / m.
+# ----------------------------------------------------------------------------- honest power
 
-    `se_images`: the test-set sampling part of the standard error at `n_images`; `seed_var_runs`: the per-seed
-    variances of the two variants (None: unknown, one seed each)."""
-    z = float(stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power))
-    out: dict = {"seeds_needed": None, "test_images_needed": None}
-    if diff == 0 or not math.isfinite(diff):
-        out["text"] = "the observed difference is 0: no number of seeds or test images would call it real"
-        return out
-    target = (abs(diff) / z) ** 2
-    image_var = se_images**2
-    seed_part = 0.0
-    if seed_var_runs is not None:
-        per_seed = seed_var_runs[0] + seed_var_runs[1]
-        seed_part = seed_var_runs[0] / n_seeds[0] + seed_var_runs[1] / n_seeds[1]
-        if target > image_var and per_seed > 0:
-            out["seeds_needed"] = max(2, math.ceil(per_seed / (target - image_var)))
-        elif per_seed == 0 and target > image_var:
-            out["seeds_needed"] = max(n_seeds)
-    if image_var > 0 and target > seed_part:
-        out["test_images_needed"] = math.ceil(image_var * n_images / (target - seed_part))
-    shown = f"{abs(diff) * 100:.2f} points"
-    parts = []
-    if out["seeds_needed"] is not None:
-        parts.append(f"about {out['seeds_needed']} seeds per variant (same test set)")
-    if out["test_images_needed"] is not None:
-        kept = "one seed each" if seed_var_runs is None else f"{n_seeds[0]} and {n_seeds[1]} seeds"
-        parts.append(f"about {out['test_images_needed']:,} test images ({kept}; now {n_images:,})")
-    if parts:
-        text = f"to detect a difference of {shown} at α = {alpha:g} with power {power:g}: " + " or ".join(parts)
+
+def t_power(effect: float, se: float, df: float, alpha: float = ALPHA) -> float:
+    """Power of a two-sided t test at α to detect a true difference `effect` with standard error `se`
+    (noncentral t; the normal for infinite df)."""
+    if not se > 0:
+        return 1.0 if effect != 0 else alpha
+    delta = abs(effect) / se
+    if not math.isfinite(df) or df > 1e6:
+        z = float(stats.norm.ppf(1 - alpha / 2))
+        return float(stats.norm.sf(z - delta) + stats.norm.cdf(-z - delta))
+    crit = float(stats.t.ppf(1 - alpha / 2, df))
+    value = float(stats.nct.sf(crit, df, delta) + stats.nct.cdf(-crit, df, delta))
+    return value if math.isfinite(value) else float(delta > crit)  # far in the tail: nct's series gives up
+
+
+def welch_power(effect: float, var_a: float, m: int, var_b: float, k: int, alpha: float = ALPHA,
+                draws: int = WELCH_DRAWS) -> float:
+    """Power of Welch's test with m and k seeds of per-seed variances var_a, var_b. Welch's degrees of freedom
+    are estimated from the same few seeds, which costs power the noncentral t with the true df does not show
+    (3 + 3 seeds: 36% where it says 46%), so it is computed from `draws` simulated designs (a fixed seed:
+    the same answer every time)."""
+    if var_a + var_b <= 0:
+        return 1.0 if effect != 0 else alpha
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(draws)
+    va = var_a / m * rng.chisquare(m - 1, draws) / (m - 1)
+    vb = var_b / k * rng.chisquare(k - 1, draws) / (k - 1)
+    total = va + vb
+    df = total**2 / np.maximum(va**2 / (m - 1) + vb**2 / (k - 1), 1e-300)
+    t = (abs(effect) + z * math.sqrt(var_a / m + var_b / k)) / np.sqrt(np.maximum(total, 1e-300))
+    return float(np.mean(2 * stats.t.sf(np.abs(t), df) < alpha))
+
+
+def detectable(se: float, df: float, alpha: float = ALPHA, power: float = POWER,
+               seed_vars: tuple[float, float] | None = None, n_seeds: tuple[int, int] | None = None) -> float:
+    """The smallest true difference the design detects with `power` at α: t quantiles (noncentral t), or for
+    Welch (`seed_vars` and `n_seeds` given) its simulated power; from the design's standard error, never from
+    the observed difference (no post-hoc power)."""
+    if not se > 0:
+        return 0.0
+    if seed_vars is not None and n_seeds is not None:
+        (va, vb), (m, k) = seed_vars, n_seeds
+
+        def gap(e: float) -> float:
+            return welch_power(e, va, m, vb, k, alpha) - power
     else:
-        text = f"a difference of {shown} needs both more seeds and more test images to be detected"
-    if seed_var_runs is None:
-        text += "; the seed-to-seed spread is unknown with one seed per variant: run ≥ 2 seeds to measure it"
+
+        def gap(e: float) -> float:
+            return t_power(e, se, df, alpha) - power
+    high = (t_quantile(1 - alpha / 2, df) + t_quantile(power, df)) * se * 2
+    while gap(high) < 0 and high < 1e3 * se:
+        high *= 2
+    return float(optimize.brentq(gap, 0.0, high, xtol=se * 1e-3))
+
+
+def seeds_needed(var_a: float, var_b: float, effect: float, alpha: float = ALPHA, power: float = POWER) -> int | None:
+    """Seeds per variant for Welch's test to detect `effect` with `power` given the per-seed variances (None:
+    more than MAX_SEEDS_NEEDED)."""
+    for n in range(2, MAX_SEEDS_NEEDED + 1):
+        if welch_power(effect, var_a, n, var_b, n, alpha) >= power:
+            return n
+    return None
+
+
+def power_note(question: str, test: str, se: float, df: float, n_seeds: tuple[int, int], n_images: int,
+               seed_vars: tuple[float, float] | None = None, min_effect: float | None = None,
+               alpha: float = ALPHA, power: float = POWER) -> dict:
+    """What the current design can detect: the smallest difference found with `power` at α (per comparison,
+    before Holm), and, for a difference the user names (`evidence.min_effect`), the seeds per variant (settings)
+    or test images (models) that would detect it. Built from the design's standard error, never from the
+    observed difference."""
+    welch_design = test == WELCH and seed_vars is not None
+    smallest = detectable(se, df, alpha, power, seed_vars if welch_design else None,
+                          n_seeds if welch_design else None)
+    out: dict = {"detectable": smallest, "seeds_needed": None, "test_images_needed": None}
+    text = (f"the smallest difference this design detects with power {power:g} at α = {alpha:g} is "
+            f"{smallest * 100:.2f} points")
+    if question == MODELS:
+        text += f" (these two models, {n_images:,} test images)"
+        if min_effect and se > 0:
+            z = float(stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power))
+            out["test_images_needed"] = math.ceil(n_images * (z * se / min_effect) ** 2)
+            text += (f"; {min_effect * 100:.2f} points (evidence.min_effect) needs about "
+                     f"{out['test_images_needed']:,} test images")
+        text += "; one seed per variant says nothing about the settings: run ≥ 2 seeds to compare those"
+    elif test == PREDICTION:
+        text += f" ({n_seeds[0]} against {n_seeds[1]} seeds); run ≥ 2 seeds of both variants for a sharper test"
+    elif test == FOLDS:
+        text += f" ({n_seeds[0]} folds)"
+    else:
+        text += f" ({n_seeds[0]} and {n_seeds[1]} seeds)"
+        if min_effect and seed_vars is not None:
+            out["seeds_needed"] = seeds_needed(seed_vars[0], seed_vars[1], min_effect, alpha, power)
+            need = (f"about {out['seeds_needed']} seeds per variant" if out["seeds_needed"] is not None
+                    else f"more than {MAX_SEEDS_NEEDED} seeds per variant")
+            text += f"; {min_effect * 100:.2f} points (evidence.min_effect) needs {need}"
     out["text"] = text
     return out
 
 
+# ----------------------------------------------------------------------------- a study's comparisons
+
+
 def reference_variant(variants: Sequence[str], selected: str | None = None) -> str:
-    """What every variant is compared against: the selected cell when known (given, or the one a `retrain-`
-    variant retrained), else the first variant."""
+    """What every variant is compared against: the selected cell when known (given; its `confirm-` runs, fresh
+    seeds, when they exist), else the cell a `confirm-` or `retrain-` variant confirmed or retrained, else the
+    first variant."""
+    if selected is not None and f"confirm-{selected}" in variants:
+        return f"confirm-{selected}"
     if selected is not None and selected in variants:
         return selected
-    retrained = [v.removeprefix("retrain-") for v in variants if v.startswith("retrain-")]
-    if retrained and retrained[0] in variants:
-        return retrained[0]
+    for prefix in ("confirm-", "retrain-"):
+        for v in variants:
+            if v.startswith(prefix) and v.removeprefix(prefix) in variants:
+                return v if prefix == "confirm-" else v.removeprefix(prefix)
     return variants[0]
 
 
@@ -297,35 +504,105 @@ def _same_test_set(runs: Sequence[RunPredictions]) -> bool:
     return all(r.y_true.shape == first.shape and np.array_equal(r.y_true, first) for r in runs[1:])
 
 
-def _pair_rows(a: str, b: str, diff: Difference, runs_a: list, runs_b: list, n_images: int) -> list[dict]:
+def run_stats(run: RunPredictions, k: int) -> np.ndarray:
+    """[accuracy, macro F1, per-class recall…, per-class F1…] of one run on its whole test set."""
+    return confusion_stats(confusions(run.y_true, run.y_pred, k))
+
+
+def runs_stats(runs: Sequence[RunPredictions], k: int) -> np.ndarray:
+    """run_stats of runs on one test set (runs × S), by one bincount."""
+    codes = np.stack([r.y_true * k + r.y_pred for r in runs]) + (np.arange(len(runs)) * k * k)[:, None]
+    cm = np.bincount(codes.ravel(), minlength=len(runs) * k * k).reshape(len(runs), k, k)
+    return confusion_stats(cm)
+
+
+def _row(a: str, b: str, metric: str, question: str, test: Test, n_a: int, n_b: int, n_test: int,
+         power: tuple | None) -> dict:
+    return {"a": a, "b": b, "metric": metric, "question": question, "diff": test.diff, "ci_low": test.low,
+            "ci_high": test.high, "p_value": test.p, "p_adjusted": None, "test": test.name, "verdict": None,
+            "n_seeds_a": n_a, "n_seeds_b": n_b, "n_test": n_test, "_power": power}
+
+
+def _not_compared(a: str, b: str, n_a: int, n_b: int, reason: str) -> list[dict]:
+    return [{"a": a, "b": b, "metric": metric, "question": None, "diff": None, "ci_low": None, "ci_high": None,
+             "p_value": None, "p_adjusted": None, "test": None, "verdict": "not compared", "n_seeds_a": n_a,
+             "n_seeds_b": n_b, "reason": reason} for metric in METRICS]
+
+
+def _seed_rows(a: str, b: str, runs_a: list[RunPredictions], runs_b: list[RunPredictions], k: int,
+               alpha: float) -> list[dict]:
+    """The settings question on one shared test set: Welch (≥ 2 seeds each) or the prediction t (1 against k)."""
+    both = runs_stats([*runs_a, *runs_b], k)
+    m, n = len(runs_a), len(runs_b)
+    sa, sb = both[:m], both[m:]
     rows = []
     for s, metric in enumerate(METRICS):
-        point = float(diff.point[s])
-        low, high, p = interval_and_p(point, diff.draws[:, s], float(diff.seed_var[s]), float(diff.seed_df[s]),
-                                      diff.hierarchical)
-        if diff.hierarchical:
-            test = HIERARCHICAL
-        elif metric == "accuracy":
-            correct_a, correct_b = runs_a[0].y_pred == runs_a[0].y_true, runs_b[0].y_pred == runs_b[0].y_true
-            p, test = mcnemar_exact(correct_a, correct_b), MCNEMAR + f" · interval: {PAIRED}"
-        else:
-            test = PAIRED
-        image_var = max(float(diff.draws[:, s].var(ddof=1)) - float(diff.seed_var[s]), 0.0)
-        seed_runs = (float(diff.seed_var_runs[0][s]), float(diff.seed_var_runs[1][s])) if diff.hierarchical else None
-        rows.append({"a": a, "b": b, "metric": metric, "diff": point, "ci_low": low, "ci_high": high,
-                     "p_value": p, "p_adjusted": None, "test": test, "verdict": None,
-                     "n_seeds_a": len(runs_a), "n_seeds_b": len(runs_b), "n_test": n_images,
-                     "_power": (math.sqrt(image_var), seed_runs)})
+        test = settings_test(sa[:, s], sb[:, s], alpha)
+        var = (float(sa[:, s].var(ddof=1)), float(sb[:, s].var(ddof=1))) if m >= 2 and n >= 2 else None
+        rows.append(_row(a, b, metric, SETTINGS, test, m, n, len(runs_a[0].y_true), (test.se, test.df, var)))
+    return rows
+
+
+def _model_rows(a: str, b: str, run_a: RunPredictions, run_b: RunPredictions, k: int, n_boot: int, seed: int,
+                alpha: float) -> list[dict]:
+    """The models question (one seed each): McNemar for accuracy, the paired image bootstrap for macro F1 and
+    both intervals."""
+    point, draws = replicate_stats(run_a.y_true, [run_a.y_pred, run_b.y_pred], k, n_boot, seed)
+    rows = []
+    for s, metric in enumerate(METRICS):
+        test = bootstrap_test(float(point[0, s] - point[1, s]), draws[0, :, s] - draws[1, :, s], alpha)
+        if metric == "accuracy":
+            correct_a, correct_b = run_a.y_pred == run_a.y_true, run_b.y_pred == run_b.y_true
+            d = correct_a.astype(float) - correct_b.astype(float)
+            se = float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+            test = Test(test.diff, test.low, test.high, mcnemar_exact(correct_a, correct_b), se, math.inf,
+                        MCNEMAR + f" · interval: {PAIRED}")
+        rows.append(_row(a, b, metric, MODELS, test, 1, 1, len(run_a.y_true), (test.se, math.inf, None)))
+    return rows
+
+
+def _fold_rows(a: str, b: str, runs_a: list[RunPredictions], runs_b: list[RunPredictions], k: int,
+               alpha: float) -> list[dict]:
+    """The settings question across cross-validation folds, paired by (repeat, fold), seeds averaged."""
+
+    def per_fold(runs: list[RunPredictions]) -> dict:
+        by: dict[tuple[int, int], list[RunPredictions]] = {}
+        for r in runs:
+            by.setdefault(r.fold, []).append(r)
+        return by
+
+    fa, fb = per_fold(runs_a), per_fold(runs_b)
+    if set(fa) != set(fb):
+        return _not_compared(a, b, len(runs_a), len(runs_b), "the two variants were not run on the same folds")
+    if any(not _same_test_set(fa[key] + fb[key]) for key in fa):
+        return _not_compared(a, b, len(runs_a), len(runs_b), "a fold's held-out images differ between the variants")
+    if len(fa) < 2:
+        return _not_compared(a, b, len(runs_a), len(runs_b), "fewer than 2 folds")
+    sa = {key: np.mean([run_stats(r, k) for r in fa[key]], axis=0) for key in fa}
+    sb = {key: np.mean([run_stats(r, k) for r in fb[key]], axis=0) for key in fb}
+    n_test = {key: len(fa[key][0].y_true) for key in fa}
+    sizes = [r.train_size for key in fa for r in fa[key] + fb[key]]
+    n_train = {key: fa[key][0].train_size for key in fa} if all(sizes) else None
+    rows = []
+    for s, metric in enumerate(METRICS):
+        test = fold_test({key: float(v[s]) for key, v in sa.items()}, {key: float(v[s]) for key, v in sb.items()},
+                         n_train, n_test, alpha)
+        rows.append(_row(a, b, metric, SETTINGS, test, len(fa), len(fb), int(np.mean(list(n_test.values()))),
+                         (test.se, test.df, None)))
     return rows
 
 
 def compare_study(runs: Sequence[RunPredictions | dict], reference: str | None = None, n_boot: int = N_BOOT,
-                  seed: int = 0, alpha: float = ALPHA) -> list[dict]:
-    """Every variant against the reference variant, for accuracy and macro-F1: difference (a − b, a = the
-    variant, b = the reference) with its 95% interval, p, Holm-adjusted p, the test's name and the verdict.
+                  seed: int = 0, alpha: float = ALPHA, min_effect: float | None = None,
+                  power_notes: bool = True) -> list[dict]:
+    """Every variant against the reference variant, for accuracy and macro-F1: the question it answers
+    (`settings` or `models`), difference (a − b, a = the variant, b = the reference) with its 95% interval, p,
+    Holm-adjusted p, the test's name and the verdict.
 
-    `runs`: RunPredictions, or dicts with `name`, `y_true` and `probs` or `y_pred` (and optionally `variant`).
-    A pair whose runs do not share one test set is kept as rows with verdict 'not compared' and a `reason`."""
+    `runs`: RunPredictions, or dicts with `name`, `y_true` and `probs` or `y_pred` (and optionally `variant`,
+    `fold`, `train_size`). A pair whose runs do not share one test set is kept as rows with verdict
+    'not compared' and a `reason`. `min_effect`: a difference worth detecting (fraction), for the power note
+    (`power_notes=False` leaves the notes out: a simulation judging thousands of studies needs only verdicts)."""
     preds = [r if isinstance(r, RunPredictions) else run_predictions(**r) for r in runs]
     groups = _group(preds)
     if len(groups) < 2:
@@ -333,73 +610,129 @@ def compare_study(runs: Sequence[RunPredictions | dict], reference: str | None =
     ref = reference_variant(list(groups), reference)
     k = max(r.n_classes for r in preds)
     rows: list[dict] = []
-    cache: dict[bytes, tuple[dict[str, int], np.ndarray, np.ndarray]] = {}
     for index, (variant, members) in enumerate(groups.items()):
         if variant == ref:
             continue
-        both = groups[variant] + groups[ref]
-        if not _same_test_set(both):
-            rows += [{"a": variant, "b": ref, "metric": metric, "diff": None, "ci_low": None, "ci_high": None,
-                      "p_value": None, "p_adjusted": None, "test": None, "verdict": "not compared",
-                      "n_seeds_a": len(members), "n_seeds_b": len(groups[ref]),
-                      "reason": "the runs were not evaluated on the same test set (their test labels differ)"}
-                     for metric in METRICS]
-            continue
-        y_true = both[0].y_true
-        key = y_true.tobytes()
-        if key not in cache:  # one set of image resamples per test set, shared by every run on it
-            on_it = [r for r in preds if r.y_true.shape == y_true.shape and np.array_equal(r.y_true, y_true)]
-            point, draws = replicate_stats(y_true, [r.y_pred for r in on_it], k, n_boot, seed)
-            cache[key] = ({r.name: i for i, r in enumerate(on_it)}, point, draws)
-        where, point, draws = cache[key]
-        ia, ib = [where[r.name] for r in members], [where[r.name] for r in groups[ref]]
-        diff = difference(point[ia], draws[ia], point[ib], draws[ib], seed=seed + index)
-        rows += _pair_rows(variant, ref, diff, members, groups[ref], len(y_true))
-    return finish_rows(rows, alpha)
+        others = groups[ref]
+        folded = [r.fold is not None for r in members + others]
+        if any(folded):
+            if not all(folded):
+                rows += _not_compared(variant, ref, len(members), len(others),
+                                      "one variant was cross-validated and the other was not")
+            else:
+                rows += _fold_rows(variant, ref, members, others, k, alpha)
+        elif not _same_test_set(members + others):
+            rows += _not_compared(variant, ref, len(members), len(others),
+                                  "the runs were not evaluated on the same test set (their test labels differ)")
+        elif len(members) == 1 and len(others) == 1:
+            rows += _model_rows(variant, ref, members[0], others[0], k, n_boot, seed + index, alpha)
+        else:
+            rows += _seed_rows(variant, ref, members, others, k, alpha)
+    return finish_rows(rows, alpha, min_effect, power_notes)
 
 
-def finish_rows(rows: list[dict], alpha: float = ALPHA) -> list[dict]:
-    """Holm within each metric, then the verdict, and the power note where nothing was detected."""
+def finish_rows(rows: list[dict], alpha: float = ALPHA, min_effect: float | None = None,
+                power_notes: bool = True) -> list[dict]:
+    """Holm within each metric, then the verdict; the power note where nothing was detected, and the reason
+    when a 95% interval excludes 0 beside 'no detectable difference'."""
     for metric in METRICS:
         family = [r for r in rows if r["metric"] == metric]
         for row, adjusted in zip(family, holm([r["p_value"] for r in family]), strict=True):
             row["p_adjusted"] = adjusted
+    for metric in METRICS:
+        family = [r for r in rows if r["metric"] == metric and r["p_value"] is not None]
+        for row in family:
+            power = row.pop("_power", None)
+            row["verdict"] = verdict(row["diff"], (row["ci_low"], row["ci_high"]), row["p_adjusted"], alpha,
+                                     question=row["question"])
+            row["power"] = None
+            if row["verdict"] == NO_DIFFERENCE and (row["ci_low"] > 0 or row["ci_high"] < 0):
+                row["note"] = (f"its 95% interval excludes 0 (p = {row['p_value']:.3g} for this comparison alone), "
+                               f"but over the {len(family)} comparisons of {metric} Holm's adjusted p is "
+                               f"{row['p_adjusted']:.3g} ≥ α = {alpha:g}")
+            if row["verdict"] == NO_DIFFERENCE and power is not None and power_notes:
+                se, df, seed_vars = power
+                note = power_note(row["question"], row["test"], se, df, (row["n_seeds_a"], row["n_seeds_b"]),
+                                  row["n_test"], seed_vars, min_effect, alpha)
+                row["power"] = note["text"]
+                row["detectable"] = note["detectable"]
+                row["seeds_needed"], row["test_images_needed"] = note["seeds_needed"], note["test_images_needed"]
     for row in rows:
-        power = row.pop("_power", None)
-        if row["p_value"] is None:
-            row.setdefault("power", None)
-            continue
-        row["verdict"] = verdict(row["diff"], (row["ci_low"], row["ci_high"]), row["p_adjusted"], alpha)
-        row["power"] = None
-        if row["verdict"] == NO_DIFFERENCE and power is not None:
-            note = power_note(row["diff"], power[0], power[1], (row["n_seeds_a"], row["n_seeds_b"]), row["n_test"],
-                              alpha)
-            row["power"] = note["text"]
-            row["seeds_needed"], row["test_images_needed"] = note["seeds_needed"], note["test_images_needed"]
+        row.pop("_power", None)
+        row.setdefault("power", None)
     return rows
 
 
-# ----------------------------------------------------------------------------- seed-aware selection
+# ----------------------------------------------------------------------------- selection without the winner's curse
 
 
-def select_variant(scores: dict[str, list[float]], rule: str = "mean", higher_is_better: bool = True) -> str:
-    """The best variant by its mean over seeds, or (`lower_bound`) by its worst plausible score: the 95%
-    t-interval bound on the bad side (the value itself with one seed), so a stable cell beats a noisy one
-    whose higher mean rests on one lucky seed."""
+def pooled_spread(scores: Mapping[str, Sequence[float]]) -> tuple[float, int]:
+    """The seed variance pooled over cells, Σ(m−1)s² / Σ(m−1), and its degrees of freedom Σ(m−1): with 2-3
+    seeds a cell's own spread is too noisy to rank on, the pooled one is not."""
+    df = sum(len(v) - 1 for v in scores.values())
+    if df == 0:
+        return 0.0, 0
+    ss = sum(float(np.var(v, ddof=1)) * (len(v) - 1) for v in scores.values() if len(v) > 1)
+    return ss / df, df
+
+
+def rank_variants(scores: Mapping[str, Sequence[float]], rule: str = "mean",
+                  higher_is_better: bool = True) -> list[tuple[str, float]]:
+    """Cells best first, each with its ranking score (on the 'higher is better' scale).
+
+    `mean`: the mean over seeds; where cells have different seed counts, shrunk towards the mean of all cells
+    by how much of its spread is seed noise (empirical Bayes: between-cell variance τ² over τ² + s²/m), so a
+    cell with fewer seeds is not ranked above the others on noise. `lower_bound`: the 95% lower bound of the
+    mean with the pooled spread, mean − t·s/√m. Ties go to the cell with more seeds."""
     if rule not in ("mean", "lower_bound"):
         raise ValueError(f"select rule '{rule}': choose mean or lower_bound")
     if not scores:
         raise ValueError("select: no variants")
     sign = 1.0 if higher_is_better else -1.0
+    names = list(scores)
+    means = np.array([sign * float(np.mean(scores[v])) for v in names])
+    counts = np.array([len(scores[v]) for v in names])
+    var, df = pooled_spread(scores)
+    if df == 0:
+        ranked = means
+    elif rule == "lower_bound":
+        ranked = means - t_quantile(0.975, df) * math.sqrt(var) / np.sqrt(counts)
+    elif len(set(counts.tolist())) == 1 or len(names) < 3:
+        ranked = means if len(set(counts.tolist())) == 1 else means - math.sqrt(var) / np.sqrt(counts)
+    else:
+        noise = var / counts
+        tau2 = max(float(means.var(ddof=1)) - float(noise.mean()), 0.0)
+        weight = tau2 / (tau2 + noise) if tau2 > 0 else np.zeros_like(noise)
+        grand = float(means.mean())
+        ranked = grand + weight * (means - grand)
+    order = sorted(range(len(names)), key=lambda i: (-round(float(ranked[i]), 12), -counts[i], -means[i]))
+    return [(names[i], float(ranked[i])) for i in order]
 
-    def score(values: list[float]) -> float:
-        arr = np.asarray(values, dtype=float)
-        if rule == "mean" or len(arr) < 2:
-            return sign * float(arr.mean())
-        half = float(stats.t.ppf(0.975, len(arr) - 1)) * float(arr.std(ddof=1)) / math.sqrt(len(arr))
-        return sign * float(arr.mean()) - half
 
-    return max(scores, key=lambda v: score(scores[v]))
+def select_variant(scores: Mapping[str, Sequence[float]], rule: str = "mean", higher_is_better: bool = True) -> str:
+    """The best cell by `rank_variants` (seed spread pooled over cells)."""
+    return rank_variants(scores, rule, higher_is_better)[0][0]
+
+
+def validation_scores(summaries: Sequence[dict], metric: str) -> dict[str, list[float]]:
+    """Each variant's per-seed validation score (at the epoch each run kept) from run summaries, for selection."""
+    scores: dict[str, list[float]] = {}
+    key = metric.removeprefix("val_")
+    for s in summaries:
+        val = s.get("kept_val", s.get("best_val"))
+        if val is None:
+            raise ValueError(f"select: run '{s['name']}' has no validation metrics; set data.val_fraction")
+        if key not in val:
+            raise ValueError(f"select.by {metric}: run '{s['name']}' has no validation {key} (trained by an older "
+                             "classlab); retrain it or select by val_accuracy / val_loss")
+        scores.setdefault(variant_of(s["name"]), []).append(float(val[key]))
+    return scores
+
+
+def optimism(selection: Sequence[float], fresh: Sequence[float], higher_is_better: bool = True) -> float:
+    """Fresh seeds' mean validation score minus the selection seeds' (negative: selection was optimistic)."""
+    gap = float(np.mean(fresh) - np.mean(selection))
+    return gap if higher_is_better else -gap
 
 
 # ----------------------------------------------------------------------------- two variants side by side
@@ -416,20 +749,25 @@ def variant_diff(runs_a: Sequence[RunPredictions], runs_b: Sequence[RunPredictio
         return None
     y_true = both[0].y_true
     k = max(r.n_classes for r in both)
-    point, draws = replicate_stats(y_true, [r.y_pred for r in both], k, n_boot, seed)
     m = len(runs_a)
-    diff = difference(point[:m], draws[:m], point[m:], draws[m:], seed=seed)
+    one_seed = m == 1 and len(runs_b) == 1
+    if one_seed:
+        point, draws = replicate_stats(y_true, [r.y_pred for r in both], k, n_boot, seed)
+    else:
+        point, draws = np.stack([run_stats(r, k) for r in both]), None
     per_class = []
     for c in range(k):
         row = {"class": c}
         for name, s in (("recall", 2 + c), ("f1", 2 + k + c)):
-            low, high, _ = interval_and_p(float(diff.point[s]), diff.draws[:, s], float(diff.seed_var[s]),
-                                          float(diff.seed_df[s]), diff.hierarchical)
+            if draws is not None:
+                test = bootstrap_test(float(point[0, s] - point[1, s]), draws[0, :, s] - draws[1, :, s])
+            else:
+                test = settings_test(point[:m, s], point[m:, s])
             row[name] = {"a": float(point[:m, s].mean()), "b": float(point[m:, s].mean()),
-                         "diff": float(diff.point[s]), "ci_low": low, "ci_high": high}
+                         "diff": test.diff, "ci_low": test.low, "ci_high": test.high}
         per_class.append(row)
     return {"per_class": per_class, "confusion_diff": mean_confusion(runs_a, k) - mean_confusion(runs_b, k),
-            "test": HIERARCHICAL if diff.hierarchical else PAIRED,
+            "test": PAIRED if one_seed else settings_test(point[:m, 0], point[m:, 0]).name,
             "a_only": disagreements(runs_a, runs_b, gallery), "b_only": disagreements(runs_b, runs_a, gallery)}
 
 

@@ -126,23 +126,35 @@ def shard_runs(planned: list[PlannedRun], shard: tuple[int, int]) -> list[Planne
 # ----------------------------------------------------------------------------- selection
 
 
-def select_variant(summaries: list[dict], metric: str, rule: str = "mean") -> str:
-    """The variant with the best validation metric over its seeds, at the epoch each run kept: by the mean,
-    or by the lower 95% confidence bound (`lower_bound`: the variant whose worst plausible score is best)."""
-    from classlab.comparison import variant_of
-    from classlab.evidence import select_variant as by_rule
+def confirm_seeds(study: StudyConfig) -> list[int]:
+    """The fresh seeds that confirm the selected cell (select.confirm_seeds): `auto` = as many seeds as the
+    study has, numbered after its largest, when it has ≥ 2 (none with one seed: nothing to pool a spread from);
+    a count, the same numbering; a list, those seeds. Disjoint from the selection seeds, so the selected cell's
+    test reference is not the seeds whose lucky validation scores picked it."""
+    select = study.select
+    if select is None or select.confirm_seeds is None:
+        return []
+    chosen = select.confirm_seeds
+    if chosen == "auto":
+        chosen = len(study.seeds) if len(study.seeds) >= 2 else 0
+    if isinstance(chosen, int):
+        return [max(study.seeds) + 1 + i for i in range(chosen)]
+    return list(chosen)
 
-    scores: dict[str, list[float]] = {}
-    for s in summaries:
-        val = s.get("kept_val", s.get("best_val"))
-        if val is None:
-            raise ClasslabError(f"select: run '{s['name']}' has no validation metrics; set data.val_fraction")
-        key = metric.removeprefix("val_")
-        if key not in val:
-            raise ClasslabError(f"select.by {metric}: run '{s['name']}' has no validation {key} (trained by an older "
-                                "classlab); retrain it or select by val_accuracy / val_loss")
-        scores.setdefault(variant_of(s["name"]), []).append(val[key])
-    return by_rule(scores, rule, higher_is_better=metric != "val_loss")
+
+def confirm_plan(planned: list[PlannedRun], variant: str, seeds: Sequence[int], where: str = "") -> list[PlannedRun]:
+    """The chosen variant trained again, as it was, with fresh seeds: ordinary runs named
+    `confirm-<variant>-seed<k>` (variant `confirm-<variant>`), whose test scores are the comparisons' reference
+    and whose validation scores measure the selection's optimism."""
+    first = next((run for run in planned if run.variant == variant), None)
+    if first is None:
+        raise ClasslabError(f"{where}: confirm: no run of variant '{variant}' in this study".lstrip(": "))
+    out = []
+    for seed in seeds:
+        raw = run_config_dict(first.config)
+        raw["name"], raw["seed"] = f"confirm-{variant}-seed{seed}", seed
+        out.append(PlannedRun(validate(RunConfig, raw, where=where), f"confirm-{variant}"))
+    return out
 
 
 # ----------------------------------------------------------------------------- stacking

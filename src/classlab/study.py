@@ -14,15 +14,26 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from classlab import evidence
 from classlab.config import RunConfig, StudyConfig, load_study, validate
 from classlab.data import ImageData, load_dataset
 from classlab.errors import ClasslabError, RunFailed
 from classlab.evaluate import evaluate_run, run_summary
+from classlab.io import atomic_write_json
 from classlab.locks import RunLock, RunLocked
 from classlab.models import build_model
 from classlab.models.summary import layer_table_text, model_table, parameter_count
 from classlab.photo import input_stats
-from classlab.plan import PlannedRun, expand, retrain_plan, run_config_dict, select_variant, shard_runs, stack_groups
+from classlab.plan import (
+    PlannedRun,
+    confirm_plan,
+    confirm_seeds,
+    expand,
+    retrain_plan,
+    run_config_dict,
+    shard_runs,
+    stack_groups,
+)
 from classlab.runs import RunFolder
 from classlab.tracking import StudyTracker, open_tracker
 from classlab.train import distributed
@@ -321,13 +332,53 @@ def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: 
 
 
 def _select(study: StudyConfig, summaries: list[dict], console: Console) -> str:
-    best = select_variant(summaries, study.select.by, study.select.rule)
+    try:
+        scores = evidence.validation_scores(summaries, study.select.by)
+    except ValueError as e:
+        raise ClasslabError(str(e)) from None
+    best = evidence.select_variant(scores, study.select.rule, higher_is_better=_higher_is_better(study.select.by))
     selected = study.select.variant or best
     rule = "" if study.select.rule == "mean" else f" ({study.select.rule})"
     how = f"pinned in the study ({study.select.by}{rule} picks {best})" if study.select.variant \
         else f"by {study.select.by}{rule}"
     console.print(f"[bold]selected[/] {selected} {how}")
     return selected
+
+
+def _higher_is_better(metric: str) -> bool:
+    return metric.removeprefix("val_") != "loss"
+
+
+def _confirm(study: StudyConfig, planned: list[PlannedRun], selected: str, trainer: _Trainer, where: str,
+             restart: bool) -> None:
+    """Train the selected variant again with fresh seeds (select.confirm_seeds): those runs are the comparisons'
+    test reference (not the seeds whose validation luck picked it), and their validation score beside the
+    selection-time one says how optimistic the selection was."""
+    if any(p.variant == selected and getattr(p.config.data, "cv", None) is not None for p in planned):
+        return  # a cross-validated choice is retrained on all its training data instead
+    seeds = confirm_seeds(study)
+    if not seeds:
+        return
+    trainer.train(confirm_plan(planned, selected, seeds, where), restart)
+    fresh = f"confirm-{selected}"
+    try:
+        scores = evidence.validation_scores([s for s in trainer.summaries
+                                             if evidence.variant_of(s["name"]) in (selected, fresh)], study.select.by)
+    except ValueError:
+        return
+    if fresh in scores and selected in scores:
+        gap = evidence.optimism(scores[selected], scores[fresh], _higher_is_better(study.select.by))
+        trainer.console.print(f"[bold]confirmed[/] {selected} on {len(scores[fresh])} fresh seed(s): validation "
+                              f"{study.select.by} {sum(scores[selected]) / len(scores[selected]):.4f} at selection, "
+                              f"{sum(scores[fresh]) / len(scores[fresh]):.4f} fresh (optimism: {gap * 100:+.2f} "
+                              "points); the fresh runs are the test reference")
+
+
+def _evidence_settings(study: StudyConfig, selected: str | None) -> dict:
+    """What the report's verdicts need from the study file (evidence.json beside the run folders)."""
+    by = study.select.by if study.select is not None else None
+    return {"selected": selected, "select_by": by, "higher_is_better": _higher_is_better(by) if by else True,
+            "min_effect": study.evidence.min_effect}
 
 
 def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), console: Console | None = None,
@@ -389,6 +440,10 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
             selected = _select(study, trainer.summaries, console)
             if study.retrain_on == "train+val":
                 trainer.train(retrain_plan(planned, selected, str(path)), restart or options.restart_retrain)
+        if selected is not None:
+            _confirm(study, planned, selected, trainer, str(path), restart)
+        if writer and not options.worker:
+            atomic_write_json(folder / evidence.SETTINGS_FILE, _evidence_settings(study, selected))
         console.print(f"[dim]study finished in {time.perf_counter() - started:.1f}s[/]")
         waiting = [p.config.name for p in planned
                    if not trainer.run_folder(p).is_complete and not trainer.run_folder(p).is_failed]

@@ -225,7 +225,7 @@ class StudyTracker:
     # ------------------------------------------------------------------------- one classlab run
 
     def _tags(self, cfg: RunConfig, folder: RunFolder) -> dict[str, str]:
-        from classlab.comparison import variant_of
+        from classlab.evidence import variant_of
 
         tags = {PARENT: self.parent_id, RUN_DIR: str(folder.path.resolve()), RUN: cfg.name, SEED: str(cfg.seed),
                 VARIANT: self.variants.get(cfg.name, variant_of(cfg.name)), STUDY: str(self.study.name)}

@@ -6,6 +6,7 @@ Strings stay plain here; escaping is the templates' job (autoescape in HTML, a f
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from classlab import __version__, evidence
-from classlab.comparison import Stat, VariantRow, against_reference, compare_runs, variant_of, within_noise
 from classlab.errors import ClasslabError
+from classlab.evidence import Stat, VariantRow, against_reference, compare_runs, variant_of, within_noise
 from classlab.report import plots
 from classlab.report.load import FailedRun, LrSweep, RunData, load_study_runs
 from classlab.report.sanity import is_permuted, originals, sanity_notes
@@ -93,13 +94,46 @@ def evidence_inputs(runs: list[RunData]) -> list[evidence.RunPredictions]:
     return out
 
 
+def evidence_settings(folder: Path) -> dict[str, Any]:
+    """evidence.json beside the run folders (study.py writes it): the selected variant, select.by and
+    evidence.min_effect; empty for a folder without one."""
+    try:
+        doc = json.loads((folder / evidence.SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def selection_optimism(runs: list[RunData], settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The selected variant's validation score at selection beside its fresh (`confirm-`) seeds' score."""
+    selected, by = settings.get("selected"), settings.get("select_by")
+    if not selected or not by:
+        return None
+    fresh = f"confirm-{selected}"
+    try:
+        scores = evidence.validation_scores([r.summary for r in runs if variant_of(r.name) in (selected, fresh)], by)
+    except ValueError:
+        return None
+    if selected not in scores or fresh not in scores:
+        return None
+    higher = bool(settings.get("higher_is_better", True))
+    gap = evidence.optimism(scores[selected], scores[fresh], higher)
+    at, now = float(np.mean(scores[selected])), float(np.mean(scores[fresh]))
+    text = (f"optimism: {gap * 100:+.2f} points (validation {by.removeprefix('val_')} of {selected}: "
+            f"{at * 100:.2f} at selection on {len(scores[selected])} seed(s), {now * 100:.2f} on "
+            f"{len(scores[fresh])} fresh seed(s) of {fresh}, the test reference)")
+    return {"selected": selected, "by": by, "selection": at, "fresh": now, "optimism": gap, "text": text}
+
+
 def study_evidence(runs: list[RunData], reference: str | None = None) -> dict[str, Any]:
     """The paired tests of the study as comparison.json holds them: every variant against the reference."""
     inputs = evidence_inputs(runs)
+    settings = evidence_settings(runs[0].path.parent) if runs else {}
     variants = list(dict.fromkeys(r.variant for r in inputs))
-    ref = evidence.reference_variant(variants, reference) if variants else None
-    rows = evidence.compare_study(inputs, reference=ref)
+    ref = evidence.reference_variant(variants, reference or settings.get("selected")) if variants else None
+    rows = evidence.compare_study(inputs, reference=ref, min_effect=settings.get("min_effect"))
     return {"reference": ref, "alpha": evidence.ALPHA, "correction": evidence.CORRECTION,
+            "questions": evidence.QUESTIONS, "optimism": selection_optimism(runs, settings),
             "diff": "a - b (a: the variant, b: the reference), as a fraction", "rows": rows,
             "without_predictions": [r.name for r in runs if r.name not in {i.name for i in inputs}]}
 
@@ -124,8 +158,10 @@ def evidence_rows(tests: list[dict]) -> list[dict[str, Any]]:
                     "ci": points_interval(t) if compared else None,
                     "p": p_text(t["p_value"]), "p_adjusted": p_text(t["p_adjusted"]), "test": t["test"],
                     "verdict": t["verdict"], "seeds": f"{t['n_seeds_a']} / {t['n_seeds_b']}",
-                    "power": t.get("power"), "reason": t.get("reason"),
-                    "detected": t["verdict"] in (evidence.BETTER, evidence.WORSE)})
+                    "power": t.get("power"), "reason": t.get("reason") or t.get("note"),
+                    "question": t.get("question") or "—",
+                    "tone": "better" if t["verdict"] in (evidence.BETTER, evidence.MODEL_BETTER) else "worse",
+                    "detected": t["verdict"] in evidence.DETECTED})
     return out
 
 
@@ -301,7 +337,7 @@ def balanced(summary: dict) -> str | None:
 def with_balanced_accuracy(rows: list[dict[str, Any]], runs: list[RunData]) -> list[dict[str, Any]]:
     """Each comparison row with its variant's test balanced accuracy (mean ± std over seeds; — for runs whose
     summary predates it)."""
-    from classlab.comparison import stat
+    from classlab.evidence import stat
 
     values: dict[str, list[float]] = {}
     for run in runs:
@@ -446,6 +482,7 @@ def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun],
         "evidence_tests": list(dict.fromkeys(t["test"] for t in tests["rows"] if t["test"])),
         "evidence_pairs": len({(t["a"], t["b"]) for t in tests["rows"] if t["p_value"] is not None}),
         "without_predictions": tests["without_predictions"], "alpha": tests["alpha"],
+        "optimism": (tests.get("optimism") or {}).get("text"),
         "seeded": seeded, "seed_bands": bool(seeded) and overlay is not None, "variant_diff": diff,
         "all_runs": run_rows(runs), "overlay": overlay, "runs": sections, "failed": failed, "lr_finds": lr_finds,
     }

@@ -11,7 +11,7 @@ import copy
 import math
 from dataclasses import dataclass
 
-from classlab.comparison import VariantRow, variant_of
+from classlab.evidence import VariantRow, variant_of
 from classlab.report.load import RunData
 
 VAL_ABOVE_TRAIN = 0.10  # accuracy points (as a fraction) at the last epoch
