@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from classlab.errors import ClasslabError
-from classlab.results import EpochRow, RunSummary, row_from, summary_from
 from classlab.runs import RunFolder, atomic_write_json, find_failed, find_runs
 
 
@@ -26,21 +25,17 @@ class RunData:
 
     name: str
     path: Path
-    summary: RunSummary
+    summary: dict
     config: dict
-    metrics: list[EpochRow]
+    metrics: list[dict]
     preprocessing: dict | None
     model_rows: list[dict] | None
     model_text: str | None
     predictions: dict[str, np.ndarray] | None
 
-    def __post_init__(self) -> None:  # the typed results, also when given as the files' documents
-        self.summary = summary_from(self.summary)
-        self.metrics = [row_from(r) for r in self.metrics]
-
     @property
     def classes(self) -> list[str]:
-        return [str(c) for c in self.summary.classes]
+        return [str(c) for c in self.summary.get("classes", [])]
 
     @property
     def planned_epochs(self) -> int | None:
@@ -74,7 +69,7 @@ def load_run(folder: RunFolder) -> RunData:
     summary = folder.read_summary()
     model_text, model_table = folder.read_model_summary()
     return RunData(
-        name=summary.name or folder.name,
+        name=str(summary.get("name", folder.name)),
         path=folder.path,
         summary=summary,
         config=folder.read_config() if folder.config_path.is_file() else {},
