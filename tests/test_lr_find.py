@@ -64,3 +64,32 @@ def test_the_sweep_is_in_the_study_report_whether_made_before_or_after_training(
 
     RunFolder(study_folder / "base").prepare(restart=True)  # what --restart does first: the sweep is kept
     assert sorted(p.name for p in (study_folder / "base").iterdir()) == ["lr_find.json", "lr_find.png"]
+
+
+def test_a_flat_noisy_curve_is_no_clear_descent_and_a_real_one_is():
+    """Issue 26.9: FER's CNN swept 1.90-1.94 over 1e-7..1 gave a confident "9.3e-06"; such a curve now says
+    that it found no clear descent, while a curve that falls is still read."""
+    from classlab.lr_find import LrFindResult, descent, smooth_both_ways, verdict
+
+    rng = np.random.default_rng(0)
+    lrs = list(np.logspace(-7, 0, 200))
+    flat = list(1.92 + 0.01 * rng.standard_normal(200))  # FER-like: level, with step noise
+    falling = list(2.3 - 1.8 / (1 + np.exp(-(np.log10(lrs) + 3) * 3)) + 0.05 * rng.standard_normal(200))
+    for losses, clear in ((flat, False), (falling, True)):
+        smoothed = smooth_both_ways(losses)
+        got, fall, noise = descent(losses, smoothed)
+        assert got is clear, (fall, noise)
+        suggested, over_10 = suggest(lrs, smoothed)
+        line = verdict(LrFindResult("r", lrs, losses, smoothed, suggested, over_10, 1e-3, got, fall, noise))
+        assert line.startswith("suggested lr: ") is clear and ("no clear descent" in line) is not clear
+    assert 0.01 > descent(flat, smooth_both_ways(flat))[1] >= 0
+
+
+def test_lr_find_command_says_when_the_sweep_found_no_descent(tmp_path, idx_folder, run_cli):
+    path = write_study(tmp_path / "s.yaml", tiny_study(tmp_path, idx_folder))
+    code, out, err = run_cli("lr-find", str(path), "--steps", "30", "--start", "1e-9", "--end", "1e-8")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "no clear descent" in text and "suggested lr:" not in text and "widen --start / --end" in text
+    doc = json.loads((tmp_path / "runs" / "toy" / "base" / "lr_find.json").read_text())
+    assert doc["clear_descent"] is False and doc["descent"] < 0.1

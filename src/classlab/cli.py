@@ -328,7 +328,7 @@ def lr_find_cmd(
     The plot and the sweep go into the run's folder and into the study's report."""
     from classlab.config import load_study
     from classlab.data import load_dataset
-    from classlab.lr_find import lr_find, plot_png
+    from classlab.lr_find import lr_find, plot_png, verdict
     from classlab.plan import expand
     from classlab.runs import RunFolder, find_runs
     from classlab.train.device import resolve_device
@@ -348,8 +348,7 @@ def lr_find_cmd(
     folder.write_lr_find(result.to_dict(), plot_png(result))
     console.print(f"{run_cfg.name}: {len(result.lrs)} steps from {start:g} to {result.lrs[-1]:.3g}; "
                   f"plot: {folder.lr_find_plot_path}", markup=False, highlight=False)
-    console.print(f"suggested lr: {result.suggested:.3g} (steepest descent of the smoothed loss; the minimum / 10 "
-                  f"is {result.min_over_10:.3g}; the study has {run_cfg.train.lr:g})", markup=False, highlight=False)
+    console.print(verdict(result), markup=False, highlight=False, style=None if result.clear_descent else "yellow")
     if find_runs(folder.path.parent):  # the study has trained: its report gets the sweep now (else the next run's)
         _make_report(folder.path.parent)
 

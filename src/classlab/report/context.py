@@ -441,7 +441,9 @@ def lr_find_views(sweeps: Sequence[LrSweep]) -> tuple[list[dict[str, Any]], list
         alt = f"LR finder: loss against learning rate, {sweep.name}"
         figure = plots.Plot(f"lr-find-{i:02d}-{slug(sweep.name)}", alt, sweep.png) if sweep.png else None
         figures += [figure] if figure else []
-        views.append({"name": sweep.name, "suggested": f"{r['suggested']:.3g}",
+        clear = r.get("clear_descent", True)  # no clear descent: no suggestion (lr_find.descent)
+        views.append({"name": sweep.name, "suggested": f"{r['suggested']:.3g}" if clear else
+                      f"none: no clear descent (falls {r.get('descent', 0):.1%})",
                       "min_over_10": f"{r['min_over_10']:.3g}", "configured": f"{r['configured']:g}",
                       "steps": len(r.get("lrs", [])), "figure": figure})
     return views, figures
