@@ -55,7 +55,7 @@ def test_deterministic_settings_are_set_and_undone():
 
 
 def test_each_jobs_worker_gets_its_own_gpu():
-    from classlab.cli import worker_env
+    from classlab.launch import worker_env
 
     base = {"PATH": "/bin"}
     assert [worker_env(i, 1, 2, base)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0", "1", "0", "1"]

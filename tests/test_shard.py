@@ -1,5 +1,5 @@
-"""Grid sharding (`classlab run STUDY --shard I/N`) and the run locks that keep two processes from ever
-training the same run: two shards started together train disjoint runs that make up the whole study."""
+"""`classlab run --jobs N` (local workers of the study's Optuna queue, classlab.launch) and the run locks
+beneath the queue that keep two processes from ever training the same run."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from classlab.errors import ClasslabError
-from classlab.plan import expand, parse_shard, shard_runs
+from classlab.plan import expand
 from classlab.runs import LOCK_NAME, RunFolder, RunLock, RunLocked, read_lock
 from classlab.study import run_study
 from tests.conftest import make_idx_folder, tiny_study, write_study
@@ -50,73 +49,13 @@ def _dead_pid() -> int:
     return child.pid
 
 
-# ----------------------------------------------------------------------------- shards
-
-
-def test_parse_shard_accepts_i_of_n_and_names_the_mistake() -> None:
-    assert parse_shard("0/1") == (0, 1) and parse_shard("3/4") == (3, 4)
-    for bad in ("4/4", "-1/2", "1", "a/b", "1/0", "1/2/3"):
-        with pytest.raises(ClasslabError, match="--shard"):
-            parse_shard(bad)
-
-
-def test_shards_split_a_study_by_index_mod_n_disjointly_and_completely(tmp_path: Path) -> None:
-    names = _planned_names(_four_run_study(tmp_path))
-    assert names == ["adam-seed0", "adam-seed1", "sgd-seed0", "sgd-seed1"]  # expand's stable order
-    from classlab.config import load_study
-
-    study = load_study(tmp_path / "study.yaml")
-    planned = expand(study)
-    for n in (1, 2, 3, 5):
-        parts = [[p.config.name for p in shard_runs(planned, (i, n))] for i in range(n)]
-        assert sorted(sum(parts, [])) == sorted(names)  # together: the whole study, each run once
-        assert parts[0][0] == names[0] and all(names.index(r) % n == i for i, part in enumerate(parts) for r in part)
-
-
-def test_bad_shard_on_the_command_line_is_one_line_exit_2(tmp_path: Path, run_cli) -> None:
-    path = _four_run_study(tmp_path)
-    code, _, err = run_cli("run", str(path), "--shard", "2/2")
-    assert code == 2 and err.count("\n") == 1 and "--shard '2/2'" in err
-
-
-def _start_shard(path: Path, shard: str, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
-    out = tmp_path / f"shard-{shard.replace('/', 'of')}.out"
-    env = {**os.environ, "COLUMNS": "200", "CLASSLAB_OFFLINE": "1", "CLASSLAB_DATA": str(tmp_path / "no-data")}
-    with out.open("wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "classlab.cli", "run", str(path), "--device", "cpu",
-                                 "--shard", shard], cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
-    return proc, out
+# ----------------------------------------------------------------------------- workers
 
 
 def _trained(output: str) -> list[str]:
-    """The runs a shard trained: its `run i/k: NAME` lines, less any it skipped."""
+    """The runs a process trained: its `run i/k: NAME` lines, less any it skipped."""
     names = re.findall(r"^run \d+/\d+: (\S+)$", output, flags=re.M)
     return [n for n in names if f"{n}: skipped" not in output and f"{n}: already complete" not in output]
-
-
-def test_two_shards_at_once_train_disjoint_runs_that_make_the_whole_study(tmp_path: Path, run_cli) -> None:
-    path = _four_run_study(tmp_path)
-    names = _planned_names(path)
-    procs = [_start_shard(path, shard, tmp_path) for shard in ("0/2", "1/2")]
-    outputs = []
-    for proc, out in procs:
-        try:
-            code = proc.wait(timeout=TIMEOUT)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        outputs.append(out.read_text())
-        assert code == 0, outputs[-1]
-    first, second = (_trained(o) for o in outputs)
-    assert first == names[0::2] and second == names[1::2]  # index mod 2, in the study's own order
-    assert not set(first) & set(second) and sorted(first + second) == sorted(names)
-    folder = tmp_path / "runs" / "toy"
-    assert all(RunFolder(folder / n).is_complete for n in names)
-    assert not list(folder.rglob(LOCK_NAME + "*"))  # every claim released
-    code, out, err = run_cli("report", str(folder))
-    assert code == 0, err
-    report = (folder / "report.md").read_text()
-    assert all(n in report for n in names)
 
 
 # ----------------------------------------------------------------------------- locks
@@ -153,9 +92,10 @@ def test_a_zombie_counts_as_dead(tmp_path: Path) -> None:
         child.wait()
 
 
-def test_another_machines_lock_is_respected_unless_stolen(tmp_path: Path) -> None:
+def test_another_machines_lock_is_respected_unless_the_queue_hands_the_run_over(tmp_path: Path) -> None:
+    """`steal` is set only for a trial Optuna's heartbeat saw the old worker of die (search.py)."""
     _write_lock(tmp_path / "run", "some-other-host", 12345)
-    with pytest.raises(RunLocked, match="pid 12345 on some-other-host.*--steal-locks"):
+    with pytest.raises(RunLocked, match="pid 12345 on some-other-host.*remove the lock file"):
         RunLock.acquire(tmp_path / "run")
     lock = RunLock.acquire(tmp_path / "run", steal=True)
     assert read_lock(lock.path)["host"] == socket.gethostname()
@@ -200,8 +140,9 @@ def test_a_plain_run_skips_a_run_another_live_process_is_training(tmp_path: Path
 
 
 def test_jobs_trains_the_study_in_worker_processes_then_finishes_it_once(tmp_path: Path, run_cli) -> None:
-    """`classlab run --jobs 2`: two worker processes (one thread each) train disjoint halves, a run that
-    diverges fails in its worker and is not retried, and the parent alone prints the table and the report."""
+    """`classlab run --jobs 2`: two worker processes (one thread each) pop the runs from the study's Optuna
+    queue (search.db), each run trained once; a run that diverges fails in its worker and is not retried, and
+    the parent alone prints the table and the report."""
     data = make_idx_folder(tmp_path / "data", n_train=120, n_test=40)
     study = tiny_study(tmp_path, data, seeds=[0, 1], runs=[
         {"name": "adam"}, {"name": "sgd", "train": {"optimizer": "sgd"}},
@@ -216,7 +157,8 @@ def test_jobs_trains_the_study_in_worker_processes_then_finishes_it_once(tmp_pat
     assert done.returncode == 1, out  # the diverging runs failed; the others finished
     assert "2 worker processes, 1 thread(s) each" in out
     workers, final = out.split(f"toy: {len(names)} run(s)")  # the parent's final pass starts with this line
-    assert sorted(_trained(workers)) == sorted(names)  # every run trained once, by one worker (index mod 2)
+    assert sorted(_trained(workers)) == sorted(names)  # every run trained once, by one worker
+    assert (folder_of(tmp_path) / "search.db").is_file()
     assert not _trained(final) and "diverge" not in final.split("study finished")[0]  # nothing trained again
     folder = tmp_path / "runs" / "toy"
     failed = [n for n in names if n.startswith("diverge")]
@@ -226,9 +168,13 @@ def test_jobs_trains_the_study_in_worker_processes_then_finishes_it_once(tmp_pat
     assert f"{len(failed)} run(s) failed" in out and not list(folder.rglob(LOCK_NAME + "*"))
 
 
-def test_jobs_with_shard_or_nproc_is_one_line_exit_2(tmp_path: Path, run_cli) -> None:
+def folder_of(tmp_path: Path) -> Path:
+    return tmp_path / "runs" / "toy"
+
+
+def test_jobs_with_nproc_or_ray_is_one_line_exit_2(tmp_path: Path, run_cli) -> None:
     path = _four_run_study(tmp_path)
-    for args in (["--jobs", "2", "--shard", "0/2"], ["--jobs", "2", "--nproc", "2"], ["--jobs", "0"]):
+    for args in (["--jobs", "2", "--nproc", "2"], ["--jobs", "0"], ["--jobs", "2", "--ray", "local"]):
         code, _, err = run_cli("run", str(path), *args)
         assert code == 2 and err.count("\n") == 1 and "--jobs" in err, err
 

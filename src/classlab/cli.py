@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import functools
-import os
-import shlex
-import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -99,45 +95,56 @@ def run(
                                           help="retrain this run from scratch, the others as usual (repeatable)"),
     nproc: int = typer.Option(1, "--nproc", help="train each run data-parallel in N processes on this machine "
                               "(one per GPU; starts torchrun)"),
-    shard: str | None = typer.Option(None, "--shard", help="I/N: train only the runs whose index mod N is I, "
-                                     "so N machines share one study folder"),
-    steal_locks: bool = typer.Option(False, "--steal-locks", help="take over run locks left by jobs on other "
-                                     "machines (only when those jobs are gone)"),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="train the study's runs in N processes at once on this "
-                             "machine, each with 1/N of the CPU threads (for grids of small models), then "
-                             "select, retrain and report as usual"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="train the study's runs (or a search's trials) in N worker "
+                             "processes of one Optuna storage on this machine, each with 1/N of the CPU threads, "
+                             "then select, retrain and report as usual"),
+    storage: str | None = typer.Option(None, "--storage", metavar="URL",
+                                       help="Optuna storage shared by every worker on any machine: an RDB URL "
+                                       "(sqlite:///..., postgresql://..., mysql://...) or journal[:PATH] (a journal "
+                                       "file on a shared file system); default for a search: search.db in the "
+                                       "study folder"),
+    ray_address: str | None = typer.Option(None, "--ray", metavar="ADDRESS",
+                                           help="run the runs / trials as Ray tasks: 'local' (a Ray instance on "
+                                           "this machine), 'auto' or ray://host:port (an existing cluster)"),
     worker: bool = typer.Option(False, "--worker", hidden=True, help="one of --jobs' processes: train only"),
+    batch: int = typer.Option(1, "--batch", hidden=True, help="a grid worker pops this many runs at a time"),
 ) -> None:
-    """Train every run of a study, then print the comparison (and write the report)."""
-    from classlab.plan import parse_shard
-    from classlab.study import run_study
+    """Train every run of a study (or a search's trials), then print the comparison (and write the report)."""
+    from classlab import launch
+    from classlab.study import RunOptions, run_study
 
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise ClasslabError(f"--device '{device}': choose auto, cpu or cuda")
     path = study or demo_study()
-    shard_at = parse_shard(shard) if shard is not None else None
     flags = [*(x for o in override for x in ("-o", o)), *([f"--device={device}"] if device else []),
-             *([f"--shard={shard}"] if shard else []), *(["--steal-locks"] if steal_locks else [])]
+             *([f"--storage={storage}"] if storage and jobs == 1 else [])]
     restarts = [f"--restart-run={name}" for name in restart_run]  # not in the resume command: once is enough
+    if ray_address is not None:
+        if jobs != 1 or nproc != 1:
+            raise ClasslabError("--ray and --jobs / --nproc: choose one (Ray places the runs itself)")
+        from classlab.ray_runs import run_on_ray
+
+        code = run_on_ray(path, override, ray_address, storage, device, restart, console)
+        raise typer.Exit(code)
     if nproc != 1:
         if jobs != 1:
             raise ClasslabError("--jobs and --nproc: choose one (--nproc splits each run, --jobs splits the study)")
-        raise typer.Exit(_torchrun(nproc, path, [*flags, *(["--restart"] if restart else []), *restarts]))
-    if jobs != 1:
-        if shard is not None:
-            raise ClasslabError("--jobs and --shard: choose one (--jobs shards the study on this machine itself)")
-        code = _run_jobs(jobs, path, [*flags, *restarts], restart)
+        raise typer.Exit(launch.torchrun(nproc, path, [*flags, *(["--restart"] if restart else []), *restarts],
+                                         console))
+    if jobs != 1 and not worker:
+        code = launch.run_jobs(jobs, path, [*flags, *restarts], restart, storage, console)
         if code == 130:
-            _interrupted(study, [*flags, f"--jobs={jobs}"])
+            launch.interrupted(study, [*flags, f"--jobs={jobs}", *([f"--storage={storage}"] if storage else [])])
         if code not in (0, 1):  # 1: some run failed, the rest are done; the final pass below lists them
             raise typer.Exit(code)
     # after --jobs the workers have trained (or restarted) every run: the final pass collects them, selects,
-    # and (re)trains only the retrain run
+    # and (re)trains only the retrain run (a search's: confirms the best trials first)
+    options = RunOptions(device=device, restart=restart and jobs == 1, worker=worker, retry_failed=jobs == 1,
+                         restart_retrain=restart and jobs != 1, storage=storage, batch=batch,
+                         queue=(worker or storage is not None) and jobs == 1, finish_only=jobs != 1,
+                         restart_runs=frozenset(restart_run) if jobs == 1 else frozenset())
     try:
-        result = run_study(path, override, device=device, restart=restart and jobs == 1, console=console,
-                           shard=shard_at, steal_locks=steal_locks, worker=worker, retry_failed=jobs == 1,
-                           restart_retrain=restart and jobs != 1,
-                           restart_runs=frozenset(restart_run) if jobs == 1 else frozenset())
+        result = run_study(path, override, console=console, options=options)
         if worker:
             raise typer.Exit(1 if result.failed else 0)
         if result.writer and result.summaries:
@@ -148,7 +155,8 @@ def run(
     except KeyboardInterrupt:
         if worker:  # the --jobs parent speaks for its workers
             raise typer.Exit(130) from None
-        _interrupted(study, [*flags, *([f"--jobs={jobs}"] if jobs != 1 else [])])
+        launch.interrupted(study, [*flags, *([f"--jobs={jobs}"] if jobs != 1 else []),
+                                   *([f"--storage={storage}"] if storage and jobs != 1 else [])])
     if result.failed and not result.writer:
         raise typer.Exit(1)
     if result.failed:
@@ -159,107 +167,8 @@ def run(
         raise typer.Exit(1)
 
 
-def _interrupted(study: Path | None, flags: list[str]) -> NoReturn:
-    again = ["classlab", "run", *([str(study)] if study else []), *flags]
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
-        sys.stderr.write(
-            "interrupted: every finished epoch is saved; resume with: "
-            f"{shlex.join(again)} (add --restart to start over)\n"
-        )
-    raise typer.Exit(130)
-
-
-def _run_jobs(jobs: int, path: Path, flags: list[str], restart: bool) -> int:
-    """`classlab run --jobs N`: N worker processes on this machine, worker i training shard i/N of the study
-    (run locks keep them apart), each with 1/N of torch's CPU threads. Why: a small model's step is mostly
-    Python and per-op dispatch, which one process runs on one core whatever its thread count; N processes
-    run N of them at once (study D's 8-cell grid: 2 processes × 4 stacked runs on one thread each train
-    1.2× faster than 8 stacked runs on 2 threads, see benchmarks/RESULTS.md). Returns the worst exit code."""
-    import torch
-
-    if jobs < 1:
-        raise ClasslabError(f"--jobs {jobs}: give at least 1 process")
-    _check_study(path, flags)
-    gpus = torch.cuda.device_count()
-    threads = max(1, torch.get_num_threads() // jobs)
-    where = f", GPU i mod {gpus} for worker i" if gpus > 1 else ""
-    console.print(f"{jobs} worker processes, {threads} thread(s) each{where}", style="dim", markup=False,
-                  highlight=False)
-    procs = [subprocess.Popen([sys.executable, "-m", "classlab.cli", "run", str(path), *flags, f"--shard={i}/{jobs}",
-                               "--worker", *(["--restart"] if restart else [])], env=worker_env(i, threads, gpus))
-             for i in range(jobs)]
-    codes = [_wait(proc, procs) for proc in procs]
-    return 130 if 130 in codes else max(codes)
-
-
-def worker_env(i: int, threads: int, gpus: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Worker i's environment: its share of the CPU threads, and with several GPUs its own one (i mod the
-    count, as CUDA_VISIBLE_DEVICES, so `cuda` means that GPU to it), instead of every worker on cuda:0."""
-    env = {**(os.environ if base is None else base), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    if gpus > 1:
-        visible = env.get("CUDA_VISIBLE_DEVICES")
-        ids = [d.strip() for d in visible.split(",")] if visible else [str(g) for g in range(gpus)]
-        env["CUDA_VISIBLE_DEVICES"] = ids[i % len(ids)]
-    return env
-
-
-def _check_study(path: Path, flags: list[str]) -> None:
-    """Load and expand the study before starting other processes: bad input is one line and exit code 2
-    here, not once per process."""
-    from classlab.config import load_study
-    from classlab.plan import expand
-
-    overrides = [flags[i + 1] for i, f in enumerate(flags) if f == "-o"]
-    expand(load_study(path, overrides), where=str(path))
-
-
-def _wait(proc: subprocess.Popen, procs: list[subprocess.Popen] = ()) -> int:  # type: ignore[assignment]
-    """The child's exit code. Ctrl-C reaches the children too (same process group): let them save and exit;
-    a SIGTERM reaches this process alone, so it is passed on to them."""
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            if _terminated:
-                for other in procs:
-                    if other.poll() is None:
-                        other.send_signal(signal.SIGTERM)
-            continue
-
-
-_terminated = False  # a SIGTERM arrived (main's handler)
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM (a scheduler's or `kill`'s stop) is Ctrl-C: every finished epoch is saved, one line, the resume
-    command, exit 130. Only the first raises: a second while saving would cut the save short."""
-    global _terminated
-    if _terminated:
-        return
-    _terminated = True
-    raise KeyboardInterrupt
-
-
-def _torchrun(nproc: int, path: Path, flags: list[str]) -> int:
-    """`classlab run --nproc N ...`: the same command again under PyTorch's torchrun, N processes on this
-    machine (`--standalone` picks a free rendezvous port); returns torchrun's exit code."""
-    if nproc < 1:
-        raise ClasslabError(f"--nproc {nproc}: give at least 1 process")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ClasslabError("--nproc: this process was already started by torchrun; drop --nproc")
-    _check_study(path, flags)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "classlab.cli", "run", str(path), *flags]
-    console.print(shlex.join(cmd), style="dim", markup=False, highlight=False)
-    return _wait(subprocess.Popen(cmd))
-
-
 def _report_when_ready(result: StudyResult) -> None:
-    """The report covers the whole study folder: a shard writes it only once no run is left to any shard."""
-    if result.shard is not None and result.waiting:
-        console.print(f"{len(result.waiting)} run(s) of the study are left to other shards; when they are done: "
-                      f"classlab report {result.folder}", markup=False, highlight=False)
-        return
+    """The report covers the whole study folder: written now, and again when runs other processes train are done."""
     if result.busy:
         console.print(f"{len(result.busy)} run(s) were being trained by other processes ({', '.join(result.busy)}); "
                       f"when they are done: classlab report {result.folder}", markup=False, highlight=False)
@@ -499,14 +408,26 @@ def _options(version: bool = typer.Option(False, "--version", callback=_version_
     """Image-classification studies from one YAML file."""
 
 
+def ray_flag(argv: list[str]) -> list[str]:
+    """`--ray` may stand alone (a local Ray instance): give it the value 'local' unless an address follows."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--ray":
+            following = out[i + 1] if i + 1 < len(out) else None
+            if following is None or following.startswith("-") or following.endswith((".yaml", ".yml")) \
+                    or Path(following).is_file():
+                out[i] = "--ray=local"
+            break
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr with their exit code, never a traceback."""
-    import threading
+    from classlab.launch import install_signals
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    install_signals()
     try:
-        app(args=argv, prog_name="classlab")
+        app(args=ray_flag(sys.argv[1:] if argv is None else argv), prog_name="classlab")
     except ClasslabError as e:
         sys.stderr.write(f"error: {one_line(e)}\n")
         sys.exit(e.exit_code)

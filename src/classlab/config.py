@@ -669,6 +669,9 @@ class Select(Strict):
         "mean", description="mean over seeds, or lower_bound: the best lower 95% confidence bound")
     variant: str | None = Field(
         None, description="pin this variant by name instead (the metric's pick is still printed)")
+    confirm_top: int = Field(
+        3, ge=0, description="after a search: retrain the best N trials' settings with fresh seeds and compare them "
+        "with the paired tests before selecting (0 = select the best trial as scored by the search)")
     confirm_seeds: int | list[int] | Literal["auto"] | None = Field(
         "auto", description="train the selected variant again with fresh seeds (disjoint from seeds), the "
         "comparisons' test reference, so the selection's lucky seeds are not: auto = as many as seeds, numbered "
@@ -701,6 +704,81 @@ class Track(Strict):
     mlflow: MLflowTrack | None = Field(None, description="log the study's runs to MLflow")
 
 
+SPACE_KINDS = ("loguniform", "uniform", "int", "choice")
+
+
+def parse_duration(value: Any) -> float:
+    """'2h', '30m', '90s', '1h30m' or a number of seconds -> seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        number = r"(\d+(?:\.\d+)?)"
+        match = re.fullmatch(rf"\s*(?:{number}h)?\s*(?:{number}m)?\s*(?:{number}s?)?\s*", str(value))
+        if not match or not any(match.groups()):
+            raise ValueError(f"timeout '{value}': write a duration such as 2h, 30m, 90s or 1h30m")
+        h, m, sec = (float(g) if g else 0.0 for g in match.groups())
+        seconds = h * 3600 + m * 60 + sec
+    if seconds <= 0:
+        raise ValueError(f"timeout '{value}' must be positive")
+    return seconds
+
+
+class Search(Strict):
+    """A hyperparameter search on Optuna: each trial is a run folder `trial-NNNN`; the search's state lives in
+    Optuna storage (default: search.db, SQLite, in the study folder; `--storage URL` for an RDB or a journal
+    file), so the same command again continues it and several workers can share it."""
+
+    space: dict[str, dict[str, Any]] = Field(
+        {}, description="dotted key -> {loguniform: [low, high]} | {uniform: [low, high]} | {int: [low, high]} | "
+        "{choice: [values]}; a study's grid: keys join as choices")
+    trials: int | None = Field(None, ge=1, description="finished trials (complete or pruned) the search stops at")
+    timeout: float | None = Field(None, description="stop asking for new trials after this long (2h, 30m, 90s or "
+                                  "seconds), counted per command")
+    sampler: Literal["tpe", "random", "grid"] = Field(
+        "tpe", description="tpe (Optuna's default), random, or grid (every combination of choices, once each)")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="stop hopeless trials from their per-epoch validation select.by metric")
+    startup_trials: int = Field(5, ge=0, description="the median pruner prunes only after this many trials finished")
+    seed: int = Field(0, description="the sampler's seed")
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float | None:
+        return None if v is None else parse_duration(v)
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for key, spec in v.items():
+            if key.split(".")[0] not in ("data", "model", "train"):
+                raise ValueError(f"search.space key '{key}' must start with data., model. or train.")
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+                raise ValueError(f"search.space.{key}: write one of {{loguniform: [low, high]}}, {{uniform: [low, "
+                                 "high]}}, {int: [low, high]}, {choice: [values]}")
+            kind, values = next(iter(spec.items()))
+            if kind == "choice":
+                if not isinstance(values, list) or not values:
+                    raise ValueError(f"search.space.{key}: choice needs a non-empty list of values")
+                continue
+            if not (isinstance(values, list) and len(values) == 2
+                    and all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)):
+                raise ValueError(f"search.space.{key}: {kind} needs [low, high], two numbers")
+            low, high = values
+            if not low < high or (kind == "loguniform" and low <= 0):
+                raise ValueError(f"search.space.{key}: {kind} needs low < high" + (" and low > 0" if kind ==
+                                 "loguniform" else ""))
+            if kind == "int" and not all(isinstance(x, int) for x in values):
+                raise ValueError(f"search.space.{key}: int needs whole numbers [low, high]")
+        return v
+
+
+class Resources(Strict):
+    """What one run needs from a machine when runs are Ray tasks (`classlab run --ray`)."""
+
+    num_cpus: float = Field(1, gt=0, description="CPU cores per run")
+    num_gpus: float = Field(0, ge=0, description="GPUs per run (a fraction shares one GPU)")
+
+
 class StudyConfig(Strict):
     """The study file as written; `runs` and `grid` hold raw overrides validated per run."""
 
@@ -717,6 +795,9 @@ class StudyConfig(Strict):
         None, description="named variants, each a name and overrides of data / model / train; none = one run, base")
     grid: dict[str, list[Any]] | None = Field(
         None, description="dotted keys with lists of values, crossed with each other and with runs and seeds")
+    search: Search | None = Field(
+        None, description="a hyperparameter search (Optuna) over dotted keys instead of a fixed list of runs")
+    resources: Resources = Field(Resources(), description="per-run resources when runs are Ray tasks (--ray)")
     select: Select | None = Field(None, description="after training, pick the best variant by a validation metric")
     retrain_on: Literal["train+val"] | None = Field(
         None, description="after select: train the chosen variant again on train + validation, report test")
@@ -737,6 +818,19 @@ class StudyConfig(Strict):
     def _retrain_needs_select(self) -> StudyConfig:
         if self.retrain_on is not None and self.select is None:
             raise ValueError("retrain_on needs select: {metric: val_accuracy} to choose what to retrain")
+        if self.search is not None:
+            if self.runs:
+                raise ValueError("search: and runs: cannot be combined; put the runs' differences in search.space "
+                                 "as a choice")
+            space = {**{k: {"choice": list(v)} for k, v in (self.grid or {}).items()}, **self.search.space}
+            if not space:
+                raise ValueError("search.space is empty; give at least one key (or a grid:)")
+            if self.search.sampler == "grid":
+                ranged = [k for k, spec in space.items() if "choice" not in spec]
+                if ranged:
+                    raise ValueError(f"search.sampler grid needs choices only; {ranged[0]} is a range")
+            elif self.search.trials is None and self.search.timeout is None:
+                raise ValueError("search needs trials: N and/or timeout: (e.g. 2h), or sampler: grid")
         return self
 
     @field_validator("name")

@@ -1,5 +1,7 @@
-"""Run claims: `<run>/.lock`, so two processes (shards, machines, or two accidental `classlab run`s)
-never train the same run. See RunLock for the policy on a lock that is already there."""
+"""Run claims: `<run>/.lock`, so two processes (two accidental `classlab run`s, a worker and a plain run)
+never train the same run. Which worker trains which run across processes and machines is decided by the
+study's Optuna storage (search.py); the lock is the thin guard beneath it. See RunLock for the policy on a
+lock that is already there."""
 
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ class RunLocked(Exception):
 
 def describe_lock(path: Path, owner: dict) -> str:
     if not owner:
-        return f"locked by an unreadable {path}; remove it if no job trains this run, or pass --steal-locks"
+        return f"locked by an unreadable {path}; remove it if no job trains this run"
     who = f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('started')}"
-    hint = "" if _alive_here(owner) else "; if that job is gone, pass --steal-locks"
+    hint = "" if _alive_here(owner) else "; if that job is gone, remove the lock file"
     return f"being trained by {who} (lock {path}){hint}"
 
 
@@ -74,15 +76,15 @@ def _dead_here(owner: dict) -> bool:
 
 @dataclass(frozen=True)
 class RunLock:
-    """One process's claim on a run folder, so two processes (shards, machines, or two accidental
-    `classlab run`s) never train the same run: `<run>/.lock`, created atomically with
+    """One process's claim on a run folder, so two processes (workers, or two accidental `classlab run`s)
+    never train the same run: `<run>/.lock`, created atomically with
     O_CREAT | O_EXCL (atomic on local file systems and on NFSv3+), holding host, pid, start time and a
     random token.
 
     Policy for a lock that is already there: a lock of a process on this machine that no longer
     exists (killed, crashed) is taken over; a live process's lock is respected; a lock from another
-    machine cannot be checked from here, so it is respected unless `steal` is set (`--steal-locks`:
-    only when you know that job is gone, e.g. a cancelled SLURM job). Taking over moves the old lock
+    machine cannot be checked from here, so it is respected unless `steal` is set: only for a trial that the
+    study's Optuna storage handed over after its heartbeat saw the old worker die. Taking over moves the old lock
     aside under a name of this process's own and checks it is the one judged stale, so two processes
     taking over the same lock cannot both win."""
 

@@ -1,4 +1,4 @@
-"""Planning a study, with no torch: runs × grid × seeds, the retrain plan, shards, stacking and selection.
+"""Planning a study, with no torch: runs × grid × seeds, the retrain plan, stacking and selection.
 
 Everything here is a pure function of the study file (and of what finished runs report), so every
 process and machine that reads the same file plans the same runs in the same order.
@@ -103,24 +103,6 @@ def retrain_plan(planned: list[PlannedRun], variant: str, where: str) -> list[Pl
         raw["eval"]["temperature_scaling"] = False  # no validation split left to fit a temperature on
         out.append(PlannedRun(validate(RunConfig, raw, where=where), "retrain-" + variant))
     return out
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'I/N' (as in `--shard 0/4`) -> (I, N), with 0 <= I < N."""
-    try:
-        i, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ClasslabError(f"--shard '{text}': write I/N, e.g. 0/4 for the first of 4 shards") from None
-    if n < 1 or not 0 <= i < n:
-        raise ClasslabError(f"--shard '{text}': I must be between 0 and N-1 (e.g. 0/{max(n, 1)})")
-    return i, n
-
-
-def shard_runs(planned: list[PlannedRun], shard: tuple[int, int]) -> list[PlannedRun]:
-    """Shard (i, n) of a study: the runs whose index in `expand`'s stable order mod n is i. Every machine
-    expands the same file to the same order, so n shards split the study without talking to each other."""
-    i, n = shard
-    return [run for index, run in enumerate(planned) if index % n == i]
 
 
 # ----------------------------------------------------------------------------- selection

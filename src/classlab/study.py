@@ -31,7 +31,6 @@ from classlab.plan import (
     expand,
     retrain_plan,
     run_config_dict,
-    shard_runs,
     stack_groups,
 )
 from classlab.runs import RunFolder
@@ -49,9 +48,12 @@ from classlab.transforms import describe as describe_preprocess
 class RunOptions:
     """How `run_study` runs a study (the CLI's flags), apart from what the study file says.
 
-    `shard=(i, n)` trains only shard i of n (plan.shard_runs), so n machines can share one study folder.
-    `steal_locks` takes over locks of jobs on other machines known to be gone. `worker`: a process of
-    `classlab run --jobs N` (a shard that leaves select / retrain to its parent); `retry_failed=False`
+    `storage`: Optuna storage (search.open_storage) that a search, or a grid's queue, lives in; `queue`:
+    train a grid's runs as queued trials of that storage, `batch` popped at a time, so any number of workers
+    (processes, machines) share the study, each run trained once. `steal_locks`: take over a run's lock
+    (set for a trial Optuna saw the worker of die). `worker`: a process of `classlab run --jobs N`
+    (it leaves select / retrain to its parent), `finish_only`: that parent's final pass of a search (no
+    trials, only confirm / select / retrain); `retry_failed=False`
     (that parent's final pass) lists runs that failed as failed instead of retraining them, and
     `restart_retrain` retrains the selected variant from scratch even when `restart` is off.
     `restart_runs` retrains the named runs from scratch (`--restart-run NAME`), the others as usual."""
@@ -59,9 +61,12 @@ class RunOptions:
     device: str | None = None
     restart: bool = False
     restart_runs: frozenset[str] = frozenset()
-    shard: tuple[int, int] | None = None
+    storage: str | None = None
+    queue: bool = False
+    batch: int = 1
     steal_locks: bool = False
     worker: bool = False
+    finish_only: bool = False
     retry_failed: bool = True
     restart_retrain: bool = False
 
@@ -75,7 +80,6 @@ class StudyResult:
     selected: str | None = None
     busy: list[str] = field(default_factory=list)  # skipped: another process holds their lock
     waiting: list[str] = field(default_factory=list)  # runs of the whole study neither finished nor failed
-    shard: tuple[int, int] | None = None
     writer: bool = True  # this process wrote the run folders (rank 0 under torchrun): it prints and reports
     report: tuple[Path, Path] | None = None  # (html, md) when the study already wrote its report (for MLflow)
 
@@ -175,6 +179,7 @@ class _Trainer:
         self.busy: list[str] = []
         self.estimate: TimeEstimate | None = None
         self.tracker: StudyTracker | None = None  # MLflow, when the study has track.mlflow
+        self.callbacks: list = []  # more fit callbacks, after the save (a search trial's pruning)
 
     def run_folder(self, run: PlannedRun) -> RunFolder:
         return RunFolder(self.folder / run.config.name)
@@ -291,6 +296,7 @@ class _Trainer:
             callbacks = [save, tensorboard] + ([self.estimate] if self.estimate is not None else [])
             if self.tracker is not None:
                 callbacks.append(self.tracker.start_runs(ready))
+            callbacks += self.callbacks
         epochs = ready[0].cfg.train.epochs
         try:
             results = fit([p.model for p in ready], ready[0].data, [p.cfg for p in ready], ready[0].pre,
@@ -393,6 +399,10 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     options = options or RunOptions(**flags)
     console = console or Console()
     study = load_study(path, overrides)
+    if study.search is not None:  # trials asked from Optuna, not planned here
+        from classlab.trials import run_search
+
+        return run_search(path, study, options, console)
     planned = expand(study, where=str(path))
     variants = sorted({p.variant for p in planned})
     if study.select is not None and study.select.variant is not None and study.select.variant not in variants:
@@ -403,17 +413,17 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     writer = distributed.is_main()
     if not writer:
         console = Console(quiet=True)  # rank 0 speaks for all
-    restart, shard = options.restart, options.shard
+    restart = options.restart
     unknown = sorted(options.restart_runs - {p.config.name for p in planned})
     if unknown:
         raise ClasslabError(f"--restart-run {unknown[0]}: no such run in {path}; runs: "
                             f"{', '.join(p.config.name for p in planned)}")
     tracker = None
     try:
-        mine = shard_runs(planned, shard) if shard is not None else planned
+        mine = planned
         done = sum(RunFolder(folder / p.config.name).is_complete for p in mine) if not restart else 0
-        extra = " (+ retrain of the best)" if study.retrain_on and shard is None else ""
-        part = f" shard {shard[0]}/{shard[1]}: {len(mine)} of" if shard is not None else ""
+        extra = " (+ retrain of the best)" if study.retrain_on and not options.worker else ""
+        part = " worker of the queue," if options.worker else ""
         on = f"{distributed.world_size()} processes × {dev.type}" if distributed.is_distributed() else str(dev)
         console.print(f"[bold]{study.name}[/]:{part} {len(planned)} run(s){extra}, {done} already complete, "
                       f"on {on} -> {folder}")
@@ -430,12 +440,20 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
             gave_up = [p for p in mine if trainer.run_folder(p).is_failed]
             trainer.failed.extend(p.config.name for p in gave_up)
             mine = [p for p in mine if p not in gave_up]
-        trainer.train(mine, restart)
+        if options.queue:  # a worker of a queue that any number of processes and machines share
+            from classlab.trials import open_queue, work_queue
+
+            queue = open_queue(study, folder, planned, options.storage, restart and not options.worker, console) \
+                if writer else None
+            work_queue(trainer, mine, queue, restart, options.batch)
+        else:
+            trainer.train(mine, restart)
         selected = None
         select = study.select is not None and not options.worker  # a --jobs worker leaves it to its parent
-        if select and (shard is not None or trainer.busy):
+        unfinished = [p for p in planned if not (trainer.run_folder(p).is_complete or trainer.run_folder(p).is_failed)]
+        if select and (trainer.busy or (options.queue and unfinished)):
             console.print("[yellow]select / retrain_on need every run: when all are done, run this study again "
-                          "without --shard (finished runs are skipped)[/]")
+                          "(finished runs are skipped)[/]")
         elif select and trainer.summaries:
             selected = _select(study, trainer.summaries, console)
             if study.retrain_on == "train+val":
@@ -459,4 +477,4 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     place = {p.config.name: i for i, p in enumerate(planned)}  # the study's order (the report's), retrains last
     trainer.summaries.sort(key=lambda s: place.get(s["name"], len(place)))
     return StudyResult(study, folder, trainer.summaries, trainer.failed, selected, busy=trainer.busy,
-                       waiting=waiting, shard=shard, writer=writer, report=report)
+                       waiting=waiting, writer=writer, report=report)

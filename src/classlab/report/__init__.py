@@ -11,6 +11,7 @@ from pathlib import Path
 from classlab.report.context import build_context, study_evidence
 from classlab.report.load import load_study_runs, lr_sweeps
 from classlab.report.render import write_pages
+from classlab.report.search_view import search_view
 from classlab.runs import atomic_write_json
 
 COMPARISON_JSON = "comparison.json"
@@ -28,6 +29,8 @@ def make_report(study_folder: str | Path, reference: str | None = None) -> tuple
         tests = study_evidence(runs, reference)
         atomic_write_json(folder / COMPARISON_JSON, {"study": folder.resolve().name, **tests})
         context, figures = build_context(folder.resolve().name, runs, failed, tests=tests, sweeps=lr_sweeps(folder))
+        context["search"], search_figures = search_view(folder)  # a search study's trials and confirmation
+        figures += search_figures
         return write_pages(folder, "report", context, figures)
     except Exception:
         # a report that could not be re-made no longer describes the run folders: never leave it as if current
