@@ -206,3 +206,22 @@ def stop_fit_after(monkeypatch, epoch: int) -> None:
 
     monkeypatch.setattr(study_mod, "fit", fit_until)
 
+
+
+def make_csv_manifest(folder: Path, n_train: int = 120, n_test: int = 40, num_classes: int = 3, writers: int = 12,
+                      size: int = 12) -> Path:
+    """A tiny manifest table (folder/manifest.csv): PNGs of synthetic_images under folder/img/, columns path
+    (relative to the table), label (class names c0..), split (train / test) and a made-up `writer` group."""
+    from PIL import Image
+
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    lines = ["path,label,split,writer"]
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        x, y = synthetic_images(n, num_classes, size, seed=seed)
+        for i in range(n):
+            name = f"img/{split}{i:04d}.png"
+            Image.fromarray(x[i]).save(folder / name)
+            lines.append(f"{name},c{y[i]},{split},w{(i * 7 + seed) % writers}")
+    table = folder / "manifest.csv"
+    table.write_text("\n".join(lines) + "\n")
+    return table

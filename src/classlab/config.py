@@ -44,6 +44,7 @@ class Strict(BaseModel):
 # ----------------------------------------------------------------------------- data
 
 DATASETS = DATASET_REGISTRY.names()
+MANIFESTS = ("csv", "parquet")  # datasets read from a table of paths and labels (data/manifest.py)
 
 
 class Normalize(Strict):
@@ -206,10 +207,35 @@ class Subset(Strict):
         "a class imbalance made on purpose (seeded by data.split_seed; the test split is untouched)")
 
 
+class CrossValidation(Strict):
+    """k-fold cross-validation of the training data with scikit-learn's splitters (StratifiedKFold,
+    RepeatedStratifiedKFold, StratifiedGroupKFold): every (repeat, fold) is a run folder `<run>-fold<f>`
+    (`<run>-r<r>-fold<f>` with repeats > 1); the test split stays untouched."""
+
+    folds: int = Field(5, ge=2, description="folds per repeat (k); each run trains on k-1 of them")
+    repeats: int = Field(1, ge=1, description="repeats of the k-fold split, each with its own shuffle (seeded by "
+                         "data.split_seed)")
+    stratify: bool = Field(True, description="every fold keeps the class proportions of the training data")
+    group_by: str | None = Field(
+        None, description="a manifest column (dataset csv / parquet, e.g. patient or writer): the images of one "
+        "group never sit on both sides of a fold")
+    inner_val: float | None = Field(
+        None, gt=0, lt=1, description="validate on a stratified share of the fold's training part instead of on "
+        "its held-out part (which then only gives the out-of-fold predictions); null = the held-out part")
+    fold: tuple[int, int] | None = Field(
+        None, description="set by the plan for each run: (repeat, fold), 1-based, the part this run holds out")
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> CrossValidation:
+        if self.fold is not None and not (1 <= self.fold[0] <= self.repeats and 1 <= self.fold[1] <= self.folds):
+            raise ValueError(f"fold {list(self.fold)} is outside {self.repeats} repeat(s) × {self.folds} folds")
+        return self
+
+
 class DataConfig(Strict):
     dataset: Literal[DATASETS] = Field(  # type: ignore[valid-type]
         "fashion-mnist", description="the image source: fashion-mnist, mnist, idx (a folder of four IDX files), "
-        "image-folder, fer2013, demo")
+        "image-folder, fer2013, demo, csv / parquet (a manifest table: path, label, optional split and group columns)")
     root: str | None = Field(None, description="data folder or file; null = $CLASSLAB_DATA, else ~/.cache/classlab")
     download: bool = Field(True, description="download fashion-mnist / mnist when missing and online "
                            "(never with CLASSLAB_OFFLINE=1)")
@@ -223,6 +249,9 @@ class DataConfig(Strict):
     split_seed: int = Field(0, description="seed of the validation / test splits and of data.subset")
     channels: Literal[1, 3] | None = Field(None, description="image folders: 1 gray, 3 RGB, None = guess")
     image_size: tuple[int, int] | None = Field(None, description="image folders: resize to [H, W] at load")
+    classes: list[str] | None = Field(
+        None, min_length=2, description="manifests (csv / parquet): the class names in order; a label outside them "
+        "is an error; null = the labels found, sorted")
     relabel: dict[str, list[str | int]] | None = Field(
         None, description="new classes by name (or index), e.g. {shoes: [Sandal, Sneaker, Ankle boot]}")
     permute_pixels: PermutePixels | None = Field(
@@ -240,6 +269,9 @@ class DataConfig(Strict):
         "draw with replacement, as many images as the training split, from the run's seeded order generator)")
     to_rgb: bool = Field(False, description="copy a gray channel to 3 (ImageNet models), per batch")
     resize: tuple[int, int] | None = Field(None, description="resize each batch on the device to [H, W]")
+    cv: CrossValidation | None = Field(
+        None, description="k-fold cross-validation of the training data: {folds: 5, repeats: 1, stratify: true, "
+        "group_by: null}; the held-out fold validates (data.val_fraction is not used), null = one split")
 
     @model_validator(mode="after")
     def _splits_need_folders(self) -> DataConfig:
@@ -259,6 +291,12 @@ class DataConfig(Strict):
         if self.splits and self.dataset not in ("image-folder", "fer2013"):
             raise ValueError(f"data.splits names subfolders of an image folder; dataset '{self.dataset}' has fixed "
                              "splits: remove data.splits")
+        if self.classes is not None and self.dataset not in MANIFESTS:
+            raise ValueError(f"data.classes lists a manifest's classes; dataset '{self.dataset}' names its own: "
+                             "remove data.classes")
+        if self.cv is not None and self.cv.group_by is not None and self.dataset not in MANIFESTS:
+            raise ValueError(f"data.cv.group_by names a manifest column; dataset '{self.dataset}' has none: use "
+                             "dataset: csv (or parquet) with a column for the groups, or remove group_by")
         return self
 
     @field_validator("normalize", mode="before")
@@ -650,9 +688,10 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if self.train.early_stopping is not None and self.data.val_fraction is None:
+        validated = self.data.val_fraction is not None or self.data.cv is not None  # a fold validates on its own
+        if self.train.early_stopping is not None and not validated:
             raise ValueError("train.early_stopping needs a validation split: set data.val_fraction")
-        if self.eval.temperature_scaling and self.data.val_fraction is None:
+        if self.eval.temperature_scaling and not validated:
             raise ValueError("eval.temperature_scaling needs a validation split to fit on: set data.val_fraction")
         return self
 

@@ -18,7 +18,7 @@ from classlab.errors import ClasslabError
 @dataclass(frozen=True)
 class PlannedRun:
     config: RunConfig
-    variant: str  # the run's name without its seed suffix: runs that differ only by seed share it
+    variant: str  # the run's name without its seed and fold suffixes: runs that differ only by those share it
 
 
 # Short labels for the grid keys seen most, in cell names: `lr0.001-bs16`; any other key is labelled by its
@@ -62,8 +62,27 @@ def grid_cells(grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
     return cells
 
 
+def fold_suffix(fold: tuple[int, int], repeats: int) -> str:
+    """A fold run's name suffix: `-fold3`, or `-r2-fold3` when data.cv repeats the split."""
+    return f"-r{fold[0]}-fold{fold[1]}" if repeats > 1 else f"-fold{fold[1]}"
+
+
+def _folds(data: dict, at: str) -> list[tuple[int, int] | None]:
+    """data.cv's (repeat, fold) pairs in order, 1-based; [None] without cross-validation."""
+    cv = data.get("cv") if isinstance(data, dict) else None
+    if not isinstance(cv, dict):
+        return [None]
+    if cv.get("fold") is not None:
+        raise ClasslabError(f"{at}: data.cv.fold is set by the plan for each fold's run; remove it from the study")
+    folds, repeats = cv.get("folds", 5), cv.get("repeats", 1)
+    if not isinstance(folds, int) or not isinstance(repeats, int) or folds < 2 or repeats < 1:
+        return [None]  # validation below says what is wrong with them
+    return [(r, f) for r in range(1, repeats + 1) for f in range(1, folds + 1)]
+
+
 def expand(study: StudyConfig, where: str = "") -> list[PlannedRun]:
-    """One RunConfig per (run, grid cell, seed). Names are stable: `<run>[-<cell>][-seed<k>]`."""
+    """One RunConfig per (run, grid cell, seed[, fold]). Names are stable: `<run>[-<cell>][-seed<k>][-fold<f>]`
+    (`-r<r>-fold<f>` with repeats): with data.cv every (repeat, fold) is a run, planned like a seed."""
     base = {"data": study.data, "model": study.model, "train": study.train, "eval": study.eval}
     variants: list[tuple[str, dict[str, Any]]] = []
     run_list = study.runs or [{"name": "base"}]
@@ -76,13 +95,18 @@ def expand(study: StudyConfig, where: str = "") -> list[PlannedRun]:
     planned = []
     for index, (variant, override) in enumerate(variants):
         merged = deep_merge(base, override)
+        at = f"{where} run '{variant}'" if study.runs or study.grid else where
+        if study.runs and not study.grid:
+            at = f"{where} runs[{index}] ({variant})"
         for seed in study.seeds:
-            name = variant if len(study.seeds) == 1 else f"{variant}-seed{seed}"
-            at = f"{where} run '{variant}'" if study.runs or study.grid else where
-            if study.runs and not study.grid:
-                at = f"{where} runs[{index}] ({variant})"
-            cfg = validate(RunConfig, {**merged, "name": name, "seed": seed}, where=at.strip())
-            planned.append(PlannedRun(cfg, variant))
+            for fold in _folds(merged.get("data"), at.strip()):
+                name = variant if len(study.seeds) == 1 else f"{variant}-seed{seed}"
+                raw = {**merged, "name": name, "seed": seed}
+                if fold is not None:
+                    raw["name"] = name + fold_suffix(fold, merged["data"]["cv"].get("repeats", 1))
+                    raw["data"] = {**merged["data"], "cv": {**merged["data"]["cv"], "fold": list(fold)}}
+                cfg = validate(RunConfig, raw, where=at.strip())
+                planned.append(PlannedRun(cfg, variant))
     return planned
 
 
@@ -91,13 +115,22 @@ def run_config_dict(cfg: RunConfig) -> dict:
 
 
 def retrain_plan(planned: list[PlannedRun], variant: str, where: str) -> list[PlannedRun]:
-    """The chosen variant again, trained on train + validation (no split, so no early stopping)."""
+    """The chosen variant again, trained on train + validation (no split, so no early stopping); a
+    cross-validated variant once per seed, on all its training data (no folds), named without the fold."""
     out = []
+    seen = set()
     for run in planned:
         if run.variant != variant:
             continue
         raw = run_config_dict(run.config)
+        cv = raw["data"]["cv"]
         raw["name"] = "retrain-" + run.config.name
+        if cv is not None:
+            raw["name"] = raw["name"].removesuffix(fold_suffix(tuple(cv["fold"]), cv["repeats"]))
+            raw["data"]["cv"] = None
+        if raw["name"] in seen:
+            continue
+        seen.add(raw["name"])
         raw["data"]["val_fraction"] = None
         raw["train"]["early_stopping"] = None
         raw["eval"]["temperature_scaling"] = False  # no validation split left to fit a temperature on

@@ -58,7 +58,8 @@ class Registry(Generic[T]):
         return tuple(sorted(self._items))
 
 
-DATASETS: Registry[Any] = Registry("dataset", ("fashion-mnist", "mnist", "idx", "demo", "image-folder", "fer2013"))
+DATASETS: Registry[Any] = Registry("dataset", ("fashion-mnist", "mnist", "idx", "demo", "image-folder", "fer2013",
+                                                "csv", "parquet"))
 PRESETS = ("study_a_cnn", "study_b_cnn", "study_c_cnn", "study_d_mlp", "study_e_cnn")
 ZOO_FAMILIES = ("timm", "torchvision")  # model: {name: timm/<arch>} or torchvision/<arch>: any of their architectures
 MODELS: Registry[Any] = Registry("model", ("mlp", "cnn", "resnet18", *PRESETS, *(f"{f}/<arch>" for f in ZOO_FAMILIES)))

@@ -9,6 +9,7 @@
         metrics.jsonl        one line per finished epoch
         checkpoints/last.pt  full training state (resume); checkpoints/best.pt the best epoch's
         predictions.npz      test labels, predictions, probabilities, worst mistakes
+        oof.npz              data.cv: the fold's held-out images (pool positions), labels and probabilities
         temperature.json     the temperature fitted on the validation logits (eval.temperature_scaling)
         summary.json         written last: its presence is what marks the run complete
         failed.json          written instead when the run failed (non-finite loss, ...)
@@ -71,6 +72,7 @@ PREDICTIONS = "predictions.npz"
 SUMMARY = "summary.json"
 FAILED = "failed.json"
 TEMPERATURE = "temperature.json"
+OOF = "oof.npz"
 TENSORBOARD = "tensorboard"
 LR_FIND = "lr_find.json"
 LR_FIND_PLOT = "lr_find.png"
@@ -117,6 +119,7 @@ class RunFolder:
     summary_path = property(lambda self: self.path / SUMMARY)
     failed_path = property(lambda self: self.path / FAILED)
     calibration_path = property(lambda self: self.path / TEMPERATURE)
+    oof_path = property(lambda self: self.path / OOF)
     tensorboard_dir = property(lambda self: self.path / TENSORBOARD)
     lr_find_plot_path = property(lambda self: self.path / LR_FIND_PLOT)
     lock_path = property(lambda self: self.path / LOCK_NAME)
@@ -353,6 +356,22 @@ class RunFolder:
         if not isinstance(t, float | int) or isinstance(t, bool) or not t > 0:
             raise ClasslabError(f"{self.calibration_path}: no positive 'temperature'")
         return doc
+
+    def write_oof(self, index: Any, y_true: Any, probs: Any, fold: tuple[int, int], pool_size: int) -> None:
+        """A cross-validation fold's out-of-fold predictions: its held-out images' positions in the fold pool,
+        labels and probabilities (float32), with the fold (repeat, fold) and the pool's size, so a variant's
+        folds together give one prediction for every training image."""
+        arrays = {"index": _array(index).astype(np.int64), "y_true": _array(y_true), "probs": _array(probs).astype(
+            np.float32), "fold": np.array(fold, dtype=np.int64), "pool_size": np.array(pool_size, dtype=np.int64)}
+        atomic_write(self.oof_path, lambda f: np.savez_compressed(f, **arrays))
+
+    def read_oof(self) -> dict[str, np.ndarray] | None:
+        """oof.npz's arrays; None when the run is not a fold (or the file is unreadable)."""
+        try:
+            with np.load(self.oof_path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            return None
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.summary_path, {"classlab_version": __version__, "format": RUN_FORMAT_VERSION,

@@ -145,9 +145,23 @@ def _finish_run(prep: _Prepared, result: FitResult, device: torch.device) -> dic
     if test.temperature is not None:
         prep.folder.write_calibration(test.temperature)
     prep.folder.write_predictions(data.test.labels, test.probs, test.worst, data.test.images[test.worst])
+    if data.held_out is not None:  # data.cv: the fold's out-of-fold predictions
+        _write_out_of_fold(prep, device)
     summary = run_summary(prep.cfg, data, result, test, parameter_count(model), device)
     prep.folder.write_summary(summary)
     return summary
+
+
+def _write_out_of_fold(prep: _Prepared, device: torch.device) -> None:
+    """Probabilities on the fold's held-out part, with the weights the test numbers use."""
+    from classlab.evaluate import predict_logits
+    from classlab.transforms import BatchTransform
+
+    data = prep.data
+    logits = predict_logits(prep.model, data.held_out.images, BatchTransform(prep.pre, None, device),
+                            prep.cfg.train.eval_batch_size, device)
+    prep.folder.write_oof(data.held_out_index, data.held_out.labels, logits.softmax(1).cpu(),
+                          prep.cfg.data.cv.fold, data.pool_size)
 
 
 def _checkpoint_due(tc, epoch: int, state: dict) -> bool:
@@ -456,7 +470,9 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
                           "(finished runs are skipped)[/]")
         elif select and trainer.summaries:
             selected = _select(study, trainer.summaries, console)
-            if study.retrain_on == "train+val":
+            # a cross-validated choice has no model trained on all the training data yet: retrain it always
+            folds = any(p.variant == selected and p.config.data.cv is not None for p in planned)
+            if study.retrain_on == "train+val" or folds:
                 trainer.train(retrain_plan(planned, selected, str(path)), restart or options.restart_retrain)
         if selected is not None:
             _confirm(study, planned, selected, trainer, str(path), restart)

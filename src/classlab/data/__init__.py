@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from classlab.config import DataConfig
@@ -29,9 +30,15 @@ DEFAULT_STATS = {"fashion-mnist": ((0.2860,), (0.3530,)), "demo": ((0.2860,), (0
 class Split:
     images: torch.Tensor  # uint8 N×C×H×W
     labels: torch.Tensor  # int64 N
+    groups: np.ndarray | None = None  # data.cv.group_by's value per image (manifests), else None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def take(self, idx: torch.Tensor | np.ndarray) -> Split:
+        """The images at `idx`, with their labels and groups."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Split(self.images[idx], self.labels[idx], None if self.groups is None else self.groups[idx.numpy()])
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,9 @@ class ImageData:
     source: str = ""
     skipped: list[str] = field(default_factory=list)
     origins: dict[str, str] = field(default_factory=dict)  # split -> where its images came from (run.log, report)
+    held_out: Split | None = None  # data.cv: the fold's held-out part (its out-of-fold predictions)
+    held_out_index: np.ndarray | None = None  # ... as positions in the fold pool (train + val before the folds)
+    pool_size: int = 0  # data.cv: the images the folds partition
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -129,6 +139,25 @@ def _image_folder(cfg: DataConfig) -> RawData:
     return RawData(splits, classes, str(root), skipped, origins)
 
 
+@DATASETS.register("csv")
+@DATASETS.register("parquet")
+def _manifest(cfg: DataConfig) -> RawData:
+    from classlab.data.manifest import read_manifest
+
+    if not cfg.root:
+        raise ClasslabError(f"data.dataset '{cfg.dataset}' needs data.root: the manifest table (columns path, "
+                            "label[, split, group columns])")
+    table = Path(cfg.root).expanduser()
+    group_by = cfg.cv.group_by if cfg.cv is not None else None
+    key = ("manifest", _fingerprint([table]) if table.is_file() else str(table), cfg.channels, cfg.image_size,
+           group_by, repr(cfg.classes))
+    if key not in _CACHE:
+        m = read_manifest(table, cfg.channels, cfg.image_size, group_by, cfg.classes)
+        splits = {name: Split(part.images, part.labels, m.groups[name]) for name, part in m.splits.items()}
+        _CACHE[key] = RawData(splits, m.classes, str(table), [s for p in m.splits.values() for s in p.skipped])
+    return _CACHE[key]
+
+
 @DATASETS.register("fer2013")
 def _fer(cfg: DataConfig) -> RawData:
     if not cfg.root:
@@ -144,7 +173,7 @@ def _fer(cfg: DataConfig) -> RawData:
     return _image_folder(cfg.model_copy(update={"channels": cfg.channels or 1}))
 
 
-FILE_ROOTS = ("fer2013",)  # datasets whose data.root may be a file (fer2013.csv); the others need a folder
+FILE_ROOTS = ("fer2013", "csv", "parquet")  # data.root may be a file (fer2013.csv, a manifest); others need a folder
 
 
 def _check_root_is_folder(cfg: DataConfig) -> None:
@@ -172,9 +201,14 @@ def load_dataset(cfg: DataConfig) -> ImageData:
                            f"(split_seed {cfg.split_seed} + 1)")
         origins["train"] = f"{origins.pop(pool)} less the test share"
         source = splits.pop("all", None) or splits.pop("train")
-        train_idx, test_idx = stratified_split(source.labels, cfg.test_fraction, cfg.split_seed + 1)
-        splits["train"] = Split(source.images[train_idx], source.labels[train_idx])
-        splits["test"] = Split(source.images[test_idx], source.labels[test_idx])
+        if source.groups is not None:  # folds by group: the test split is whole groups too
+            from classlab.data.folds import group_test_split
+
+            train_idx, test_idx = group_test_split(source.labels.numpy(), source.groups, cfg.test_fraction,
+                                                   cfg.split_seed + 1)
+        else:
+            train_idx, test_idx = stratified_split(source.labels, cfg.test_fraction, cfg.split_seed + 1)
+        splits["train"], splits["test"] = source.take(train_idx), source.take(test_idx)
     elif "all" in splits:
         splits["train"] = splits.pop("all")
         origins["train"] = origins.pop("all")
@@ -183,7 +217,7 @@ def load_dataset(cfg: DataConfig) -> ImageData:
         for name, limit in _subset_sizes(cfg, splits):  # exactly `limit` images, or an error saying why not
             idx = stratified_subset(splits[name].labels, limit, cfg.split_seed, f"data.subset.{_SUBSET_KEY[name]}")
             origins[name] += f", a stratified {limit} of its {len(splits[name])} (data.subset.{_SUBSET_KEY[name]})"
-            splits[name] = Split(splits[name].images[idx], splits[name].labels[idx])
+            splits[name] = splits[name].take(idx)
     if cfg.subset is not None and cfg.subset.keep:
         unknown = [name for name in cfg.subset.keep if name not in classes]
         if unknown:
@@ -191,14 +225,18 @@ def load_dataset(cfg: DataConfig) -> ImageData:
                                 f"classes: {', '.join(classes)}")
         idx = keep_fraction(splits["train"].labels, {classes.index(k): v for k, v in cfg.subset.keep.items()},
                             cfg.split_seed)
-        splits["train"] = Split(splits["train"].images[idx], splits["train"].labels[idx])
+        splits["train"] = splits["train"].take(idx)
         origins["train"] += f", data.subset.keep {dict(cfg.subset.keep)}"
     if cfg.relabel is not None:
         mapping, classes = relabel(classes, cfg.relabel)
-        splits = {k: Split(v.images, mapping[v.labels]) for k, v in splits.items()}
+        splits = {k: replace(v, labels=mapping[v.labels]) for k, v in splits.items()}
     val = splits.get("val")
     train = splits["train"]
-    if val is None and cfg.val_fraction is not None:
+    held_out: dict = {}
+    if cfg.cv is not None:
+        train, val, held_out = _fold(cfg, train, val)
+        origins["val"] = "the fold's held-out part (data.cv)"
+    elif val is None and cfg.val_fraction is not None:
         train_idx, val_idx = stratified_split(train.labels, cfg.val_fraction, cfg.split_seed)
         train, val = Split(train.images[train_idx], train.labels[train_idx]), Split(
             train.images[val_idx], train.labels[val_idx]
@@ -215,7 +253,7 @@ def load_dataset(cfg: DataConfig) -> ImageData:
     mean, std = _stats(cfg, raw, train)
     return ImageData(train=train, val=val, test=splits["test"], classes=classes, mean=mean, std=std,
                      source=raw.source, skipped=list(raw.skipped),
-                     origins={k: origins[k] for k in ("train", "val", "test") if k in origins})
+                     origins={k: origins[k] for k in ("train", "val", "test") if k in origins}, **held_out)
 
 
 _SUBSET_KEY = {"train": "train", "val": "train", "test": "test"}
@@ -260,6 +298,22 @@ def _subset_sizes(cfg: DataConfig, splits: dict[str, Split]) -> list[tuple[str, 
         sizes.append(("test", cfg.subset.test))
     return sizes
 
+
+def _fold(cfg: DataConfig, train: Split, val: Split | None) -> tuple[Split, Split, dict]:
+    """data.cv: the fold's (train, validation, held-out fields) from the pool of train + any given val split;
+    validation is the held-out part, or with cv.inner_val a stratified share of the fold's training part."""
+    from classlab.data.folds import fold_indices
+
+    pool = train if val is None else Split(torch.cat([train.images, val.images]), torch.cat([train.labels, val.labels]),
+                                           None if train.groups is None else np.concatenate([train.groups, val.groups]))
+    cv = cfg.cv
+    train_idx, held_idx = fold_indices(pool.labels.numpy(), pool.groups, cv, cfg.split_seed)
+    fold_train, held = pool.take(train_idx), pool.take(held_idx)
+    extra = {"held_out": held, "held_out_index": held_idx, "pool_size": len(pool)}
+    if cv.inner_val is None:
+        return fold_train, held, extra
+    keep, inner = stratified_split(fold_train.labels, cv.inner_val, cfg.split_seed)
+    return fold_train.take(keep), fold_train.take(inner), extra
 
 
 def _check_classes(cfg: DataConfig, source: str, classes: list[str], train: Split, test: Split) -> None:

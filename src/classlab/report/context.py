@@ -83,8 +83,15 @@ def p_text(p: float | None) -> str | None:
 
 def evidence_inputs(runs: list[RunData]) -> list[evidence.RunPredictions]:
     """The runs whose predictions.npz holds test labels and predictions (older folders may lack it)."""
+    from classlab.runs import RunFolder
+
     out = []
     for run in runs:
+        oof = RunFolder(run.path).read_oof()  # a data.cv fold: its verdicts are on its held-out part
+        if oof is not None:
+            out.append(evidence.run_predictions(run.name, oof["y_true"], oof["probs"], fold=tuple(oof["fold"]),
+                                                train_size=(run.summary.get("data") or {}).get("train")))
+            continue
         pred = run.predictions or {}
         if "y_true" not in pred or ("y_pred" not in pred and "probs" not in pred):
             continue
@@ -186,6 +193,38 @@ def seed_views(runs: list[RunData], study_name: str) -> tuple[plots.Plot | None,
                                f"{variant} (mean over {len(group)} seeds)", "{:.1f}", "mean counts")
         views.append({"variant": variant, "seeds": len(group), "confusion": plot})
     return curves, views
+
+
+def out_of_fold_views(runs: list[RunData]) -> list[dict[str, Any]]:
+    """data.cv: per cross-validated variant, the confusion matrix and per-class F1 of its folds' held-out
+    predictions together, which cover every training image once per repeat (and seed)."""
+    from classlab.data.folds import out_of_fold
+    from classlab.runs import RunFolder
+
+    groups: dict[str, list[tuple[RunData, dict]]] = {}
+    for run in runs:
+        oof = RunFolder(run.path).read_oof()
+        if oof is not None:
+            groups.setdefault(variant_of(run.name), []).append((run, oof))
+    views = []
+    for index, (variant, group) in enumerate(groups.items(), start=1):
+        classes = group[0][0].classes
+        pooled = out_of_fold([oof for _, oof in group], len(classes))
+        cm = pooled["confusion"] / pooled["passes"]
+        plot = plots.confusion(cm, classes, f"00-oof-{index:02d}-{slug(variant)}-confusion",
+                               f"{variant}: out-of-fold ({len(group)} folds)", "{:.0f}" if pooled["passes"] == 1
+                               else "{:.1f}", "counts" if pooled["passes"] == 1 else "mean counts per repeat")
+        pc = pooled["per_class"]
+        rows = [{"name": c, "precision": f"{pc['precision'][i]:.3f}", "recall": f"{pc['recall'][i]:.3f}",
+                 "f1": f"{pc['f1'][i]:.3f}", "support": f"{pc['support'][i] / pooled['passes']:.0f}"}
+                for i, c in enumerate(classes)]
+        gap = None if pooled["complete"] else (
+            f"the folds cover {pooled['covered']} of {pooled['pool_size']} training images (a fold run is missing "
+            "or failed)")
+        views.append({"variant": variant, "folds": len(group), "passes": pooled["passes"],
+                      "images": pooled["pool_size"], "confusion": plot, "per_class": rows, "gap": gap,
+                      "macro_f1": f"{sum(pc['f1']) / len(classes):.3f}"})
+    return views
 
 
 def two_variant_diff(runs: list[RunData], reference: str | None) -> tuple[dict[str, Any] | None, list[plots.Plot]]:
@@ -459,6 +498,8 @@ def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun],
     tests = tests if tests is not None else study_evidence(runs, reference)
     figures: list[plots.Plot] = []
     overlay, seeded = seed_views(runs, study_name)
+    out_of_fold = out_of_fold_views(runs)
+    figures += [v["confusion"] for v in out_of_fold]
     if overlay is None and any(r.metrics for r in runs):
         overlay = plots.overlaid_curves([(r.name, variant_of(r.name), r.metrics) for r in runs if r.metrics],
                                         "00-study-curves", study_name)
@@ -486,6 +527,7 @@ def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun],
         "without_predictions": tests["without_predictions"], "alpha": tests["alpha"],
         "optimism": (tests.get("optimism") or {}).get("text"),
         "seeded": seeded, "seed_bands": bool(seeded) and overlay is not None, "variant_diff": diff,
+        "out_of_fold": out_of_fold,
         "all_runs": run_rows(runs), "overlay": overlay, "runs": sections, "failed": failed, "lr_finds": lr_finds,
     }
     return context, figures
