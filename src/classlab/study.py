@@ -10,6 +10,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -96,24 +97,85 @@ class _Prepared:
     resume: dict | None
 
 
-def _check_same_config(folder: RunFolder, cfg: RunConfig) -> None:
-    """The stored config, read as this version reads it (so an older spelling of the same setting, such
-    as `amp: true`, is still the same config), must be the run's."""
+# Settings that change how a trained run is evaluated, never its weights: a finished run whose config differs
+# only in these is evaluated again from its checkpoint, not retrained.
+EVAL_ONLY = ("eval.", "train.eval_batch_size")
+
+
+def config_differences(stored: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, stored value, new value) for every leaf where two config dicts differ."""
+    if isinstance(stored, dict) and isinstance(new, dict):
+        out = []
+        for key in [*stored, *(k for k in new if k not in stored)]:
+            out += config_differences(stored.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if stored == new else [(prefix.rstrip("."), stored, new)]
+
+
+def _stored_differences(folder: RunFolder, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """What differs between the stored config, read as this version reads it (so an older spelling of the same
+    setting, such as `amp: true`, is still the same config), and the run's."""
     try:
         stored = run_config_dict(validate(RunConfig, folder.read_config()))
     except ClasslabError:
-        stored = None
-    if stored != run_config_dict(cfg):
+        return [("config.yaml", "unreadable", "")]
+    return config_differences(stored, run_config_dict(cfg))
+
+
+def _check_same_config(folder: RunFolder, cfg: RunConfig, diffs: list[tuple[str, Any, Any]] | None = None) -> None:
+    diffs = _stored_differences(folder, cfg) if diffs is None else diffs
+    if diffs:
+        shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in diffs[:3])
+        more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
         raise ClasslabError(
-            f"{folder.path} holds a run with a different config; retrain this run alone with "
+            f"{folder.path} holds a run with a different config ({shown}{more}); retrain this run alone with "
             f"--restart-run {shlex.quote(folder.path.name)}, or set out_dir to keep both"
         )
 
 
-def _start_state(folder: RunFolder, cfg: RunConfig, restart: bool) -> tuple[dict | None, dict | None]:
-    """(the summary of a finished run to skip, or None; the training state to resume from, or None)."""
+def _reevaluate(folder: RunFolder, cfg: RunConfig, device: torch.device, diffs: list[tuple[str, Any, Any]]
+                ) -> RunSummary:
+    """A finished run whose config changed only in evaluation settings: its test evaluation again, from the
+    weights its numbers came from (temperature, TTA, predictions, summary), then config.yaml last (so an
+    interrupted re-evaluation is simply done again)."""
+    from classlab.inference import read_preprocess
+
+    data = load_dataset(cfg.data)
+    pre = read_preprocess(folder)
+    model_cfg = cfg.model
+    if getattr(model_cfg, "pretrained", "none") != "none":  # the checkpoint holds every weight: fetch nothing
+        model_cfg = model_cfg.model_copy(update={"pretrained": "none"})
+    model = build_model(model_cfg, len(data.classes), pre.input_shape)
+    state, _ = folder.read_result_weights()
+    model.load_state_dict(state)
+    model = model.to(device).eval()
+    test = evaluate_run(model, data, pre, cfg, device)
+    if test.temperature is not None:
+        folder.write_calibration(test.temperature)
+    else:
+        folder.calibration_path.unlink(missing_ok=True)  # predict must not apply a temperature no longer asked for
+    folder.write_predictions(data.test.labels, test.probs, test.worst, data.test.images[test.worst])
+    old = folder.read_summary()
+    doc = {**old.to_json(), "test": test.metrics, "calibration": test.calibration, "test_tta": test.tta}
+    summary = type(old).model_validate(doc)
+    folder.write_summary(summary)
+    changed = ", ".join(f"{key}: {before!r} -> {after!r}" for key, before, after in diffs)
+    folder.write_run_log([*folder.read_run_log(), f"re-evaluated from {folder.result_weights_path().name} "
+                          f"(evaluation settings changed: {changed}); not retrained"])
+    folder.write_config(run_config_dict(cfg))
+    return summary
+
+
+def _start_state(folder: RunFolder, cfg: RunConfig, restart: bool, device: torch.device | None = None
+                 ) -> tuple[RunSummary | None, dict | None]:
+    """(the summary of a finished run to skip, or None; the training state to resume from, or None). A finished
+    run whose config differs only in evaluation settings (EVAL_ONLY) is re-evaluated from its checkpoint (the
+    second item then names those settings)."""
     if folder.is_complete and not restart:
-        _check_same_config(folder, cfg)
+        diffs = _stored_differences(folder, cfg)
+        if diffs and device is not None and all(key.startswith(EVAL_ONLY) for key, _, _ in diffs):
+            return _reevaluate(folder, cfg, device, diffs), {"reevaluated": ", ".join(k for k, _, _ in diffs)}
+        _check_same_config(folder, cfg, diffs)
         return folder.read_summary(), None
     if not restart and folder.last_path.is_file() and folder.config_path.is_file():
         _check_same_config(folder, cfg)
@@ -135,7 +197,7 @@ def _write_run_files(folder: RunFolder, cfg: RunConfig, data: ImageData, model: 
              f"test {len(data.test)} images, classes {data.classes}", distributed.describe()]
     lines += [f"{name} split: {where}" for name, where in data.origins.items()]  # folders, or carved by which key
     lines += describe_preprocess(pre)  # what the model sees, where each value came from, mismatch warnings
-    folder.write_run_log(lines + [f"skipped unreadable file: {s}" for s in data.skipped])
+    folder.write_run_log(lines + [f"skipped file: {s}" for s in data.skipped])
 
 
 def _finish_run(prep: _Prepared, result: FitResult, device: torch.device) -> dict:
@@ -240,9 +302,13 @@ class _Trainer:
         every rank calls this together: rank 0 alone reads and writes the folder and hands the others
         what they need (skip or resume)."""
         main = distributed.is_main()
-        done, resume = distributed.decided_by_main(lambda: _start_state(folder, cfg, restart))
+        done, resume = distributed.decided_by_main(lambda: _start_state(folder, cfg, restart, self.device))
         if done is not None:
-            self.console.print(f"[dim]{cfg.name}: already complete, skipped[/]")
+            if resume and "reevaluated" in resume:
+                _say(self.console, f"{cfg.name}: re-evaluated from its checkpoint ({resume['reevaluated']} "
+                     "changed), not retrained", "cyan")
+            else:
+                self.console.print(f"[dim]{cfg.name}: already complete, skipped[/]")
             return done
         if main:
             folder.prepare(restart=restart and not resume)
@@ -252,8 +318,8 @@ class _Trainer:
                 f"train.batch_size {cfg.train.batch_size} is larger than the training set ({len(data.train)} images)"
             )
         if data.skipped:
-            self.console.print(f"[yellow]{cfg.name}: skipped {len(data.skipped)} unreadable file(s), listed in "
-                               f"run.log[/]")
+            self.console.print(f"[yellow]{cfg.name}: skipped {len(data.skipped)} file(s) (unreadable, or hidden), "
+                               f"listed in run.log[/]")
         pre = preprocess_for(cfg, data)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, len(data.classes), pre.input_shape).to(self.device)
@@ -412,7 +478,8 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     """
     options = options or RunOptions(**flags)
     console = console or Console()
-    study = load_study(path, overrides)
+    notes: list[str] = []  # what an -o did beyond the base (config.apply_override), said below
+    study = load_study(path, overrides, notes)
     if study.search is not None:  # trials asked from Optuna, not planned here
         from classlab.trials import run_search
 
@@ -422,6 +489,14 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     if study.select is not None and study.select.variant is not None and study.select.variant not in variants:
         raise ClasslabError(f"{path}: select.variant '{study.select.variant}' is not a run of this study; "
                             f"runs: {', '.join(variants)}")
+    if study.select is not None:  # checked before training, as early stopping is (config.RunConfig)
+        blind = [p.config.name for p in planned
+                 if p.config.data.val_fraction is None and getattr(p.config.data, "cv", None) is None]
+        if blind:
+            raise ClasslabError(f"{path}: select picks the variant by a validation metric ({study.select.by}), but "
+                                f"{', '.join(blind[:3])}{' ...' if len(blind) > 3 else ''} ha"
+                                f"{'s' if len(blind) == 1 else 've'} no validation split: set data.val_fraction "
+                                "(e.g. 0.1), or remove select")
     folder = Path(study.out_dir).expanduser() / str(study.name)
     dev, joined = distributed.setup(resolve_device(options.device or planned[0].config.train.device))
     writer = distributed.is_main()
@@ -441,13 +516,15 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
         on = f"{distributed.world_size()} processes × {dev.type}" if distributed.is_distributed() else str(dev)
         console.print(f"[bold]{study.name}[/]:{part} {len(planned)} run(s){extra}, {done} already complete, "
                       f"on {on} -> {folder}")
+        for note in notes if not options.worker else ():
+            _say(console, f"note: {note}", "yellow")
         for warning in {distributed.batch_warning(p.config.train.batch_size) for p in mine} - {None}:
             _say(console, f"warning: {warning}", "yellow")
         trainer = _Trainer(folder, dev, console, options)
         if writer and not options.worker:
             from classlab.report.load import write_run_order  # the report lists the runs in this order
 
-            write_run_order(folder, [p.config.name for p in planned])
+            write_run_order(folder, [p.config.name for p in planned], [p.variant for p in planned])
         trainer.tracker = tracker = open_tracker(study, folder, planned, console) if writer else None
         started = time.perf_counter()
         if not options.retry_failed and not restart:

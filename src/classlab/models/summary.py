@@ -22,10 +22,17 @@ def model_table(model: nn.Module, input_shape: tuple[int, int, int],
     trainable count, parameter group and its learning rate, as models.freeze resolves them for the
     optimizer); runs one forward pass."""
     device = next(model.parameters()).device
-    stats = torchinfo.summary(
-        model, input_size=(2, *input_shape), col_names=("output_size", "num_params", "trainable"),
-        depth=4, verbose=0, device=device, mode="eval",
-    )
+    try:
+        stats = torchinfo.summary(
+            model, input_size=(2, *input_shape), col_names=("output_size", "num_params", "trainable"),
+            depth=4, verbose=0, device=device, mode="eval",
+        )
+    except RuntimeError as e:  # torchinfo wraps the forward's error: one line with the cause, not its traceback
+        from classlab.errors import ClasslabError, one_line
+
+        cause = e.__cause__ or e.__context__ or e
+        raise ClasslabError(f"model: {type(model).__name__} cannot take a {'x'.join(map(str, input_shape))} input "
+                            f"({one_line(cause)[:200]}); check data.resize / data.to_rgb") from None
     assigned = parameter_assignment(model, dict(lr_groups) if lr_groups else None, default_lr)
     rows = []
     for layer in stats.summary_list:

@@ -338,15 +338,57 @@ def _set_head(model: nn.Module, classifier: str, cfg: ZooConfig, num_classes: in
     model.set_submodule(classifier, _new_head(cfg, old.in_features, num_classes))
 
 
+def _adapt_stem(model: nn.Module, channels: int) -> None:
+    """The first convolution rebuilt for `channels` input channels (its record's gray_stem: resnet18 on gray
+    images); pretrained 3-channel filters are adapted when loaded (load_backbone)."""
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    model.set_submodule(name, nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode))
+
+
+def _size_text(arch: str) -> str:
+    pc = _timm_pretrained_cfg(arch)
+    size = pc.input_size[1:] if pc is not None and pc.input_size else (224, 224)
+    return f"{size[0]}x{size[1]}"
+
+
+def _fixed_size(arch: str, size: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """timm's `img_size` for an architecture with a fixed input size (ViT, DeiT, Swin, ...: their position
+    embeddings or windows are sized at build time) when the run's size is another; else nothing."""
+    pc = _timm_pretrained_cfg(arch)
+    fixed = pc is not None and getattr(pc, "fixed_input_size", False)
+    return {"img_size": size} if fixed and tuple(pc.input_size[1:]) != tuple(size) else {}
+
+
+def _resample_for(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pretrained weights brought to the model as built: timm's own checkpoint filter of its architecture
+    (what timm applies when it loads weights itself), which resamples a ViT's position embeddings to another
+    grid and a Swin's relative-position tables to another window. Weights that need none pass unchanged."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if fn is None:
+        return state
+    try:
+        return fn(dict(state), model)
+    except Exception:  # noqa: BLE001 - a filter that cannot handle these weights: load_backbone names what differs
+        return state
+
+
 def build_zoo(cfg: ZooConfig, num_classes: int, in_shape: tuple[int, ...]) -> nn.Module:
     check_arch(cfg)
     channels = int(in_shape[0])
     if cfg.family == "timm":
         import timm
 
+        size = _fixed_size(cfg.arch, tuple(int(v) for v in in_shape[1:]))
         try:
-            model = timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes, in_chans=channels)
+            model = timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes, in_chans=channels, **size)
         except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+            if size:  # it takes one input size and cannot be built at another: say which
+                raise ClasslabError(f"model: {cfg.name} takes {_size_text(cfg.arch)} input only and cannot be built "
+                                    f"at the run's {in_shape[1]}x{in_shape[2]} ({one_line(e)[:120]}); set data.resize: "
+                                    f"{_size_text(cfg.arch).replace('x', ', ').join('[]')}") from None
             raise ClasslabError(f"model: timm cannot build {cfg.arch} ({one_line(e)[:160]})") from None
     else:
         import torchvision
@@ -358,6 +400,8 @@ def build_zoo(cfg: ZooConfig, num_classes: int, in_shape: tuple[int, ...]) -> nn
     classifier = _classifier(model, cfg.family)
     if cfg.pretrained != "none":
         state, origin = pretrained_state(cfg)
+        if cfg.family == "timm":
+            state = _resample_for(model, state)
         load_backbone(model, state, origin, classifier, cfg.name)
     # always a fresh nn.Linear (PyTorch's init): timm's own init of a small head (EfficientNet's uniform
     # ±1/sqrt(classes)) gives 7-class logits in the tens on pretrained features, and a first loss near 10

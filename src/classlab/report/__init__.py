@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from classlab.report.context import build_context, study_evidence
-from classlab.report.load import load_study_runs, lr_sweeps
+from classlab.report.load import load_study_runs, lr_sweeps, outside_study
 from classlab.report.render import write_pages
 from classlab.report.search_view import search_view
-from classlab.runs import atomic_write_json
+from classlab.runs import atomic_write_json, find_runs
 
 COMPARISON_JSON = "comparison.json"
 REPORT_FILES = ("report.html", "report.md", COMPARISON_JSON)  # what make_report writes (report_files/ aside)
@@ -25,10 +25,12 @@ def make_report(study_folder: str | Path, reference: str | None = None) -> tuple
     variant a `retrain-` run retrained, else the first variant."""
     folder = Path(study_folder)
     try:
-        runs, failed = load_study_runs(folder)
+        runs, failed = load_study_runs(folder)  # only the runs the study's file (as last run) plans
+        outside = outside_study(folder, [f.name for f in find_runs(folder)])
         tests = study_evidence(runs, reference)
-        atomic_write_json(folder / COMPARISON_JSON, {"study": folder.resolve().name, **tests})
+        atomic_write_json(folder / COMPARISON_JSON, {"study": folder.resolve().name, **tests, "outside_study": outside})
         context, figures = build_context(folder.resolve().name, runs, failed, tests=tests, sweeps=lr_sweeps(folder))
+        context["outside_study"] = outside
         context["search"], search_figures = search_view(folder)  # a search study's trials and confirmation
         figures += search_figures
         return write_pages(folder, "report", context, figures)

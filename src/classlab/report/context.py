@@ -24,7 +24,7 @@ from classlab.report.sanity import is_permuted, originals, sanity_notes
 TOP_CONFUSED = 5
 CHECKS = ("test accuracy near chance", "validation accuracy far above training accuracy",
           "a pixel-permuted run beating its original by more than the noise", "classes with no test images",
-          "Grad-CAM maps of a pixel-permuted run against its original's")
+          "Grad-CAM maps of a pixel-permuted run against its original's", "warnings in each run.log")
 
 
 def slug(text: str) -> str:
@@ -339,6 +339,23 @@ def _mistakes(run: RunData, key: str) -> plots.Plot | None:
     return plots.mistakes_grid(pred["worst_images"], true, guess, prob, key, run.name)
 
 
+def model_origin(run: RunData) -> list[str]:
+    """Where the run's model and input came from: the architecture and its weights, then run.log's
+    preprocessing lines (input size, any resize from the stored size, mean / std and where each came from)."""
+    from classlab.runs import RunFolder
+
+    model = run.config.get("model") or {}
+    weights = model.get("pretrained", "none")
+    lines = [f"model: {model.get('name', '?')}, weights: "
+             + ("none (trained from scratch)" if weights in (None, "none") else str(weights))]
+    log = RunFolder(run.path).read_run_log()
+    start = next((i for i, line in enumerate(log) if line.startswith("preprocessing:")), None)
+    if start is not None:
+        lines.append(log[start])
+        lines += [line.strip() for line in log[start + 1 :] if line.startswith("  ")][:8]
+    return lines
+
+
 def run_section(index: int, run: RunData, permuted_of: dict[str, str]) -> tuple[dict[str, Any], list[plots.Plot]]:
     s = run.summary
     stem = f"{index:02d}-{slug(run.name)}"
@@ -359,6 +376,7 @@ def run_section(index: int, run: RunData, permuted_of: dict[str, str]) -> tuple[
         "per_class": per_class_rows(s["test"], run.classes),
         "confused": confused_pairs(s["test"]["confusion_matrix"], run.classes),
         "model": model_table(run),
+        "origin": model_origin(run),
     }
     views, view_figures = understanding(run, stem)
     section.update(views)

@@ -89,14 +89,40 @@ def failed_runs(study_folder: Path) -> list[FailedRun]:
 RUN_ORDER = "run_order.json"  # beside the run folders: the study's run names in plan order (study.py writes it)
 
 
-def write_run_order(study_folder: Path, names: list[str]) -> None:
-    """Record the study's run order, so the report lists runs as the terminal's table does. A study folder
+def write_run_order(study_folder: Path, names: list[str], variants: list[str] | None = None) -> None:
+    """Record the study's run order, so the report lists runs as the terminal's table does, and its variants:
+    which run folders belong to the study as its file now defines it (`outside_study`). A study folder
     that cannot be written is left to the first run folder to report (RunFolder.prepare says why)."""
     try:
         study_folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(study_folder / RUN_ORDER, {"runs": list(names)})
+        doc = {"runs": list(names), **({"variants": list(dict.fromkeys(variants))} if variants is not None else {})}
+        atomic_write_json(study_folder / RUN_ORDER, doc)
     except (OSError, ClasslabError):
         return
+
+
+DERIVED = ("retrain-", "confirm-")  # runs a study plans from one of its variants after selection
+
+
+def outside_study(study_folder: Path, names: list[str]) -> list[str]:
+    """The run folders (of `names`) that the study's file, as last run, no longer plans: a variant removed or
+    renamed since. They stay on disk and are listed as such, never compared. A `retrain-` / `confirm-` run
+    belongs when the variant it comes from does. Without a recorded plan (an older folder) every run belongs."""
+    try:
+        doc = json.loads((study_folder / RUN_ORDER).read_text(encoding="utf-8"))
+        planned, variants = set(doc["runs"]), doc.get("variants")
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not isinstance(variants, list):  # recorded before variants were: the run names alone decide
+        variants = sorted(planned)
+
+    def belongs(name: str) -> bool:
+        if name in planned:
+            return True
+        rest = next((name[len(p) :] for p in DERIVED if name.startswith(p)), None)
+        return rest is not None and any(rest == v or rest.startswith(f"{v}-") for v in variants)
+
+    return [n for n in names if not belongs(n)]
 
 
 def run_order(study_folder: Path, names: list[str]) -> list[str]:
@@ -129,10 +155,12 @@ def load_study_runs(study_folder: str | Path) -> tuple[list[RunData], list[Faile
     folder = Path(study_folder)
     if not folder.is_dir():
         raise ClasslabError(f"{folder}: no such study folder")
-    runs = [load_run(f) for f in find_runs(folder)]
+    found = find_runs(folder)
+    outside = set(outside_study(folder, [f.name for f in found]))
+    runs = [load_run(f) for f in found if f.name not in outside]  # the study as its file now defines it
     order = {n: i for i, n in enumerate(run_order(folder, [r.name for r in runs]))}
     runs.sort(key=lambda r: order[r.name])
-    failed = failed_runs(folder)
+    failed = [f for f in failed_runs(folder) if f.name not in set(outside_study(folder, [f.name]))]
     if not runs and not failed:
         raise ClasslabError(f"{folder}: no classlab runs found (no */summary.json); train with `classlab run` first")
     return runs, failed

@@ -157,8 +157,21 @@ def permuted_cam_noise(runs: list[RunData], cam_autocorrelation: dict[str, float
     return notes
 
 
+def run_log_warnings(runs: list[RunData]) -> list[Note]:
+    """Every warning a run's run.log holds (preprocessing mismatches, ...), once per text with the runs that have
+    it: the report never says "No warnings" over a run.log that warns."""
+    from classlab.runs import RunFolder
+
+    found: dict[str, list[str]] = {}
+    for run in runs:
+        for line in RunFolder(run.path).read_run_log():
+            if line.strip().lower().startswith("warning"):
+                found.setdefault(line.strip().split(":", 1)[-1].strip(), []).append(run.name)
+    return [Note("run.log warning", ", ".join(names), text) for text, names in found.items()]
+
+
 def sanity_notes(rows: list[VariantRow], runs: list[RunData],
                  cam_autocorrelation: dict[str, float] | None = None) -> list[Note]:
     """`cam_autocorrelation`: run name -> spatial autocorrelation of its Grad-CAM maps (report.context)."""
     return (near_chance(rows, runs) + val_above_train(runs) + permuted_beats_original(rows, runs)
-            + no_test_images(runs) + permuted_cam_noise(runs, cam_autocorrelation or {}))
+            + no_test_images(runs) + permuted_cam_noise(runs, cam_autocorrelation or {}) + run_log_warnings(runs))
