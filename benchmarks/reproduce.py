@@ -3,6 +3,12 @@ study, run, the study's reported figure, ours (mean ± std over seeds), differen
 
     python benchmarks/reproduce.py                      # every study, 3 seeds (hours on a 2-core CPU)
     python benchmarks/reproduce.py --studies D B --seeds 0 --out runs-repro
+    python benchmarks/reproduce.py --fer-runs runs/fer2013-lite0-cpu runs/fer2013-resnet18   # FER rows only
+
+FER rows (--fer-runs: study folders of experiments/fer2013-lite0-cpu.yaml and fer2013-resnet18.yaml, already
+trained) are read, not trained: for each arm the studies' number beside classlab's (mean ± std over seeds)
+for accuracy, macro and weighted F1, and per-class F1, on the studies' split (a run on another split is
+marked so: the studies' test set is validation/ + test/, 7,178 images, support 958/111/1024/1774/1233/1247/831).
 
 Finished runs are reused (run folders are skipped when complete), so it can be stopped and resumed.
 This is a benchmark, not a test: nothing here is asserted, the table is the result.
@@ -48,6 +54,74 @@ STUDIES = [
 ]
 
 
+FER_SUPPORT = [958, 111, 1024, 1774, 1233, 1247, 831]  # the studies' test set, per class (STUDIES.md, study C)
+FER_CLASSES = ["Angry", "Disgusted", "Fearful", "Happy", "Neutral", "Sad", "Surprised"]
+# arm -> the studies' figures: (label, accuracy %, macro F1, weighted F1, per-class F1)
+FER_STUDIES: dict[str, list[tuple[str, float, float | None, float | None, list[float] | None]]] = {
+    "scratch-sgd": [("A", 46.13, None, None, None)],
+    "layer4-fc-sgd": [("A", 60.78, None, None, None)],
+    "scratch-adam": [("B", 62.72, None, None, None)],
+    "layer4-fc-adam": [("B", 66.27, None, None, None)],
+    "fc-only": [("C", 45.46, 0.38, 0.44, None)],
+    "per-layer-lrs": [("C", 62.69, 0.59, 0.62, [0.54, 0.49, 0.46, 0.83, 0.58, 0.51, 0.77])],
+}
+# EfficientNet-Lite0 arms (experiments/fer2013-lite0-cpu.yaml) beside the ResNet-18 arm each stands for
+FER_STUDIES |= {"fine-tuned": FER_STUDIES["per-layer-lrs"], "head-only": FER_STUDIES["fc-only"],
+                "scratch": FER_STUDIES["scratch-sgd"] + FER_STUDIES["scratch-adam"],
+                "frozen-but-last-stage": FER_STUDIES["layer4-fc-sgd"] + FER_STUDIES["layer4-fc-adam"]}
+FER_BEST = 66.27  # the studies' best FER figure (B, ImageNet ResNet-18 frozen but layer4 + fc)
+
+
+def fer_summaries(folder: Path) -> dict[str, list[dict]]:
+    """Finished runs (summary.json) of one study folder, by arm (the run name without its seed)."""
+    import json
+
+    arms: dict[str, list[dict]] = {}
+    for path in sorted(folder.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        if "test" in summary:
+            arms.setdefault(variant_of(summary.get("name", path.parent.name)), []).append(summary)
+    return arms
+
+
+def on_studies_split(summary: dict) -> bool:
+    counts = ((summary.get("data") or {}).get("class_counts") or {}).get("test")
+    return counts == FER_SUPPORT or summary["test"].get("per_class", {}).get("support") == FER_SUPPORT
+
+
+def fer_rows(folders: list[Path]) -> str:
+    """The FER table (studies' figures beside classlab's, per arm) and the per-class F1 table, as markdown."""
+    def cell(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+        st = stat([v * scale for v in values])
+        return f"{st.mean:.{digits}f}" + (f" ± {st.std:.{digits}f}" if st.n > 1 else "")
+
+    main = ["| study folder | arm | seeds | split | studies' accuracy % | classlab accuracy % | vs studies | "
+            "vs best (66.27) | studies' macro F1 | macro F1 | studies' weighted F1 | weighted F1 |",
+            "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    per_class = ["| study folder | arm | " + " | ".join(FER_CLASSES) + " |", "|---|---|" + "---:|" * 7]
+    per_class.append("| STUDIES.md | C per-layer-lrs | " + " | ".join(
+        f"{v:.2f}" for v in FER_STUDIES["per-layer-lrs"][0][4]) + " |")  # type: ignore[union-attr]
+    for folder in folders:
+        arms = fer_summaries(folder)
+        if not arms:
+            main.append(f"| {folder.name} | (no finished runs in {folder}) | | | | | | | | | | |")
+        for arm, runs in arms.items():
+            tests = [r["test"] for r in runs]
+            acc = [t["accuracy"] * 100 for t in tests]
+            theirs = FER_STUDIES.get(arm, [])
+            reported = " / ".join(f"{v:.2f} ({who})" for who, v, *_ in theirs) or "—"
+            diff = " / ".join(f"{stat(acc).mean - v:+.2f}" for _, v, *_ in theirs) or "—"
+            macro_ref = next((f"{m:.2f}" for _, _, m, _, _ in theirs if m is not None), "—")
+            weighted_ref = next((f"{w:.2f}" for _, _, _, w, _ in theirs if w is not None), "—")
+            split = "studies'" if all(on_studies_split(r) for r in runs) else "**other**"
+            main.append(f"| {folder.name} | {arm} | {len(runs)} | {split} | {reported} | {cell(acc)} | {diff} | "
+                        f"{stat(acc).mean - FER_BEST:+.2f} | {macro_ref} | {cell([t['macro']['f1'] for t in tests])}"
+                        f" | {weighted_ref} | {cell([t['weighted']['f1'] for t in tests])} |")
+            f1 = [[t["per_class"]["f1"][k] for t in tests] for k in range(len(FER_CLASSES))]
+            per_class.append(f"| {folder.name} | {arm} | " + " | ".join(cell(v) for v in f1) + " |")
+    return "\n".join(main) + "\n\nPer-class F1 on the test set:\n\n" + "\n".join(per_class)
+
+
 def accuracy(summary: dict, metric: str) -> float:
     if metric == "val" and summary.get("best_val") and not summary["name"].startswith("retrain-"):
         return summary["best_val"]["accuracy"] * 100
@@ -56,12 +130,20 @@ def accuracy(summary: dict, metric: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--studies", nargs="*", default=[s.key for s in STUDIES])
+    parser.add_argument("--studies", nargs="*", help="A-E (default: all, unless --fer-runs alone)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(REPO / "runs-reproduce"))
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--fer-runs", nargs="*", type=Path, default=[],
+                        help="study folders of the FER-2013 experiments to read (not train); alone: only those rows")
     args = parser.parse_args()
+    if args.fer_runs:
+        print(fer_rows(args.fer_runs))
+        if args.studies is None:
+            return
+    if args.studies is None:
+        args.studies = [s.key for s in STUDIES]
     console = Console()
     rows = []
     started = time.perf_counter()
