@@ -435,3 +435,13 @@ def test_selected_cell_is_confirmed_with_fresh_seeds(run_cli, tmp_path):
     assert "optimism:" in (folder / "report.md").read_text() and "confirmed" in out
     with_power = [r for r in saved["rows"] if r["power"]]
     assert all("evidence.min_effect" in r["power"] for r in with_power)
+
+
+def test_tied_seeds_do_not_make_p_zero():
+    """Scores on n images move in steps of 1/n, so two seeds can tie: a spread of exactly 0 must not make any
+    difference 'certain' (p = 0); the floor is the rounding variance 1/(12 n²)."""
+    floor = evidence.rounding_variance(2000)
+    assert floor == pytest.approx(1 / (12 * 2000**2))
+    tied = evidence.prediction_t(0.80, [0.79, 0.79], floor=floor)
+    assert 0.01 < tied.p < 0.05 and tied.se > 0
+    assert evidence.welch([0.80, 0.80], [0.79, 0.79], floor=floor).p > 0

@@ -266,33 +266,41 @@ def welch_df(var_a: float, m: int, var_b: float, k: int) -> float:
     return float((va + vb) ** 2 / denominator) if denominator > 0 else float(m + k - 2)
 
 
-def welch(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> Test:
+def welch(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA, floor: float = 0.0) -> Test:
     """Welch's t test of mean(a) − mean(b) over per-seed metrics (≥ 2 seeds each): the settings question.
-    Each run's metric already holds its own test-set noise, so seeds are the only unit resampled."""
+    Each run's metric already holds its own test-set noise, so seeds are the only unit resampled. `floor`: the
+    smallest per-seed variance the metric can show (rounding_variance: seeds tied on a grid of 1/n)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
-    va, vb = float(a.var(ddof=1)), float(b.var(ddof=1))
+    va, vb = max(float(a.var(ddof=1)), floor), max(float(b.var(ddof=1)), floor)
     se = math.sqrt(va / len(a) + vb / len(b))
     return _t_result(float(a.mean() - b.mean()), se, welch_df(va, len(a), vb, len(b)), WELCH, alpha)
 
 
-def prediction_t(one: float, others: Sequence[float], alpha: float = ALPHA) -> Test:
+def prediction_t(one: float, others: Sequence[float], alpha: float = ALPHA, floor: float = 0.0) -> Test:
     """One run against k ≥ 2 seeds of the other variant: would the other's next seed land this far away?
     t = (x − ȳ) / (s·√(1 + 1/k)), df = k − 1. Valid when the one-seed variant varies across seeds no more than
     the other (its spread cannot be measured from one seed)."""
     y = np.asarray(others, float)
-    se = float(y.std(ddof=1)) * math.sqrt(1 + 1 / len(y))
+    se = math.sqrt(max(float(y.var(ddof=1)), floor) * (1 + 1 / len(y)))
     return _t_result(float(one - y.mean()), se, len(y) - 1, PREDICTION, alpha)
 
 
-def settings_test(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> Test:
+def rounding_variance(n_images: int) -> float:
+    """The variance of rounding a score to a grid of 1/n (Sheppard): a score on n test images moves in steps
+    of 1/n, so two seeds can tie and show a spread of 0 that a continuous metric would not; without this
+    floor a tie made p = 0 (one run against 2 tied seeds: P(p < 0.01) was 1.7%)."""
+    return 1 / (12 * n_images**2) if n_images > 0 else 0.0
+
+
+def settings_test(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA, floor: float = 0.0) -> Test:
     """The settings question from per-seed values: Welch with ≥ 2 seeds each, the prediction t with 1 against k."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) >= 2 and len(b) >= 2:
-        return welch(a, b, alpha)
+        return welch(a, b, alpha, floor)
     if len(a) == 1 and len(b) >= 2:
-        return prediction_t(float(a[0]), b, alpha)
+        return prediction_t(float(a[0]), b, alpha, floor)
     if len(b) == 1 and len(a) >= 2:
-        t = prediction_t(float(b[0]), a, alpha)
+        t = prediction_t(float(b[0]), a, alpha, floor)
         return Test(-t.diff, -t.high, -t.low, t.p, t.se, t.df, t.name)
     raise ValueError("the settings question needs ≥ 2 seeds on at least one side")
 
@@ -537,8 +545,10 @@ def _seed_rows(a: str, b: str, runs_a: list[RunPredictions], runs_b: list[RunPre
     sa, sb = both[:m], both[m:]
     rows = []
     for s, metric in enumerate(METRICS):
-        test = settings_test(sa[:, s], sb[:, s], alpha)
-        var = (float(sa[:, s].var(ddof=1)), float(sb[:, s].var(ddof=1))) if m >= 2 and n >= 2 else None
+        floor = rounding_variance(len(runs_a[0].y_true))
+        test = settings_test(sa[:, s], sb[:, s], alpha, floor)
+        var = (max(float(sa[:, s].var(ddof=1)), floor), max(float(sb[:, s].var(ddof=1)), floor)) \
+            if m >= 2 and n >= 2 else None
         rows.append(_row(a, b, metric, SETTINGS, test, m, n, len(runs_a[0].y_true), (test.se, test.df, var)))
     return rows
 
