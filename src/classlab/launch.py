@@ -82,14 +82,18 @@ def prepare_storage(study, planned: list, storage: str | None, restart: bool, co
     from classlab import search
     from classlab.trials import _enqueue_grid
 
-    ostudy = search.open_optuna_study(study, search.open_storage(storage, folder), search.objective_of(study).higher)
+    store = search.open_storage(storage, folder)
+    if restart:
+        search.delete_search(study, store)
+    ostudy = search.open_optuna_study(study, store, search.objective_of(study).higher)
     _enqueue_grid(study, ostudy)
 
 
 def worker_env(i: int, threads: int, gpus: int, base: dict[str, str] | None = None) -> dict[str, str]:
     """Worker i's environment: its share of the CPU threads, and with several GPUs its own one (i mod the
     count, as CUDA_VISIBLE_DEVICES, so `cuda` means that GPU to it), instead of every worker on cuda:0."""
-    env = {**(os.environ if base is None else base), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**(os.environ if base is None else base), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "CLASSLAB_WORKER": str(i)}  # search.worker_seed: each worker's sampler draws its own trials
     if gpus > 1:
         visible = env.get("CUDA_VISIBLE_DEVICES")
         ids = [d.strip() for d in visible.split(",")] if visible else [str(g) for g in range(gpus)]

@@ -98,16 +98,31 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
+WORKER_ENV = "CLASSLAB_WORKER"  # set by `--jobs` (launch.worker_env) and for Ray tasks: the worker's index
+
+
+def worker_seed() -> int:
+    """What a worker adds to search.seed, so workers sharing a search do not draw the same first trials (their
+    samplers would otherwise start from one seed): `--jobs` worker i adds 1000 i; a worker started by hand with
+    --storage on another machine sets CLASSLAB_WORKER itself (e.g. SLURM_ARRAY_TASK_ID); the one process of a
+    plain run adds 0 (the search is reproducible)."""
+    try:
+        return 1000 * int(os.environ.get(WORKER_ENV, "0"))
+    except ValueError:
+        return 0
+
+
 def open_optuna_study(study: StudyConfig, storage: Any, higher: bool) -> optuna.Study:
     """The Optuna study named after the classlab study, created on first use."""
     import optuna
 
     s = study.search
+    seed = (s.seed if s else 0) + worker_seed()
     sampler: optuna.samplers.BaseSampler
     if s is None or s.sampler != "tpe":
-        sampler = optuna.samplers.RandomSampler(seed=s.seed if s else 0)  # grid cells are enqueued, never sampled
+        sampler = optuna.samplers.RandomSampler(seed=seed)  # grid cells are enqueued, never sampled
     else:
-        sampler = optuna.samplers.TPESampler(seed=s.seed)
+        sampler = optuna.samplers.TPESampler(seed=seed)
     pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
     if s is not None and s.pruner == "median":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials)
@@ -115,6 +130,14 @@ def open_optuna_study(study: StudyConfig, storage: Any, higher: bool) -> optuna.
         pruner = optuna.pruners.HyperbandPruner(min_resource=1)
     return optuna.create_study(study_name=str(study.name), storage=storage, sampler=sampler, pruner=pruner,
                                direction="maximize" if higher else "minimize", load_if_exists=True)
+
+
+def delete_search(study: StudyConfig, storage: Any) -> None:
+    """`--restart`: forget the search (or the grid's queue) in its storage; the run folders are retrained."""
+    import optuna
+
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=str(study.name), storage=storage)
 
 
 # ----------------------------------------------------------------------------- the space

@@ -5,7 +5,6 @@ the paired tests, then select and retrain as in any study."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -116,12 +115,10 @@ def open_queue(study: StudyConfig, folder: Path, planned: list[PlannedRun], stor
                restart: bool, console: Console) -> optuna.Study:
     """The grid's queue in Optuna storage: every planned run without a live or finished trial enqueued;
     runs of dead workers of this machine enqueued again; `restart` starts the queue over."""
-    import optuna
 
     store = search.open_storage(storage, folder)
     if restart:
-        with contextlib.suppress(KeyError):
-            optuna.delete_study(study_name=str(study.name), storage=store)
+        search.delete_search(study, store)
     ostudy = search.open_optuna_study(study, store, higher=True)
     again = search.reclaim(ostudy)
     if again:
@@ -153,8 +150,12 @@ def run_search(path: str | Path, study: StudyConfig, options: RunOptions, consol
     trainer = _Trainer(folder, dev, console, options)
     started = time.perf_counter()
     try:
-        ostudy = search.open_optuna_study(study, search.open_storage(options.storage, folder), objective.higher) \
-            if writer else None
+        ostudy = None
+        if writer:
+            store = search.open_storage(options.storage, folder)
+            if options.restart and not options.worker:  # --restart: the search starts over (its trials retrain)
+                search.delete_search(study, store)
+            ostudy = search.open_optuna_study(study, store, objective.higher)
         if ostudy is not None and not options.finish_only:
             _enqueue_grid(study, ostudy)
             again = search.reclaim(ostudy)
@@ -167,7 +168,7 @@ def run_search(path: str | Path, study: StudyConfig, options: RunOptions, consol
             _say(console, f"{study.name}: search, {budget or 'every grid cell'}, {search.finished_count(ostudy)} "
                           f"finished, storage {search.storage_label(options.storage, folder)}, on {dev}")
         if not options.finish_only:
-            _work(study, str(path), ostudy, trainer, objective, console)
+            _work(study, str(path), ostudy, trainer, objective, console, options.restart)
         result = StudyResult(study, folder, [], trainer.failed, writer=writer)
         if options.worker:
             return result
@@ -179,7 +180,7 @@ def run_search(path: str | Path, study: StudyConfig, options: RunOptions, consol
             result.writer = False
             return result
         summaries, selected = finish_search(study, str(path), ostudy, trainer, objective, console,
-                                            restart_retrain=options.restart_retrain)
+                                            restart_retrain=options.restart or options.restart_retrain)
         _say(console, f"study finished in {time.perf_counter() - started:.1f}s", "dim")
         return StudyResult(study, folder, summaries, trainer.failed, selected, busy=trainer.busy, writer=writer)
     finally:
@@ -197,11 +198,11 @@ def _enqueue_grid(study: StudyConfig, ostudy: optuna.Study) -> None:
 
 
 def _still_running(ostudy: optuna.Study) -> int:
+    """Trials other live workers are training now (a dead worker's are enqueued again, for the next run)."""
     import optuna
 
     search.reclaim(ostudy)
-    live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-    return len(ostudy.get_trials(deepcopy=False, states=live))
+    return len(ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
 def ask_trial(study: StudyConfig, where: str, ostudy: optuna.Study, started: float) -> optuna.Trial | None:
@@ -226,7 +227,8 @@ def trial_run_config(study: StudyConfig, where: str, trial: optuna.Trial) -> Run
 
 
 def train_trial(raw: dict, trial: optuna.Trial | None, trainer: _Trainer, objective: search.Objective,
-                console: Console, prune: bool, retried: bool, ostudy: optuna.Study | None) -> str:
+                console: Console, prune: bool, retried: bool, ostudy: optuna.Study | None,
+                restart: bool = False) -> str:
     """Train one trial's run folder (resuming it when a retry finds it begun), pruned from its per-epoch
     validation metric, and tell Optuna the outcome (rank 0); returns complete / pruned / failed / busy."""
     import optuna
@@ -238,7 +240,7 @@ def train_trial(raw: dict, trial: optuna.Trial | None, trainer: _Trainer, object
     busy_before = len(trainer.busy)
     pruned: str | None = None
     try:
-        trainer._train_group([(cfg, folder)], restart=False)
+        trainer._train_group([(cfg, folder)], restart=restart)  # --restart: a new search's trial-NNNN
     except optuna.TrialPruned as e:
         pruned = str(e)
     finally:
@@ -257,7 +259,7 @@ def train_trial(raw: dict, trial: optuna.Trial | None, trainer: _Trainer, object
 
 
 def _work(study: StudyConfig, where: str, ostudy: optuna.Study | None, trainer: _Trainer,
-          objective: search.Objective, console: Console) -> None:
+          objective: search.Objective, console: Console, restart: bool = False) -> None:
     """Ask, train, tell, until the budget (trials, timeout) is spent or a grid has nothing waiting. Under
     torchrun rank 0 asks and hands every rank the trial's config."""
     s = study.search
@@ -284,7 +286,8 @@ def _work(study: StudyConfig, where: str, ostudy: optuna.Study | None, trainer: 
             raw, retried, done = asked
             _say(console, f"{raw['name']} ({done + 1}{f'/{s.trials}' if s.trials else ''}): "
                           + ", ".join(f"{k}={_short(v)}" for k, v in raw_params(raw, space).items()), "bold")
-            train_trial(raw, held[0] if held else None, trainer, objective, console, prune, retried, ostudy)
+            train_trial(raw, held[0] if held else None, trainer, objective, console, prune, retried, ostudy,
+                        restart=restart and not retried)
             if held:
                 beat.drop(held[0])
             held.clear()
@@ -366,7 +369,7 @@ def finish_search(study: StudyConfig, where: str, ostudy: optuna.Study | None, t
         _say(console, f"confirming the best {len(confirm) // len(seeds)} setting(s) with fresh seeds {seeds}: "
                       f"{len(confirm)} run(s)", "bold")
         for run in confirm:  # one by one: their settings differ, and a stack of differing members was ~10x slower
-            trainer._train_group([(run.config, trainer.run_folder(run))], False)
+            trainer._train_group([(run.config, trainer.run_folder(run))], restart_retrain)
     summaries = [s for s in trainer.summaries if s["name"].startswith("confirm-")]
     doc: dict[str, Any] = {}
     selected: str | None = None
