@@ -51,3 +51,23 @@ def test_image_folders_notmnist_and_fer():
     assert faces.classes == ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
     assert (len(faces.train), len(faces.val), len(faces.test)) == (700, 140, 210)  # its own validation/ split
     assert faces.train.images.shape[1:] == (1, 48, 48)
+
+
+@pytest.mark.slow
+def test_fer2013_complete_both_splits_from_one_folder():
+    """The studies' split (test = validation/ + test/, study C's support exactly) and the official one, from the
+    same folder, decoded once into the cache and said where each split came from."""
+    root = SHARED_DATA / "fer2013"
+    if not root.is_dir():
+        pytest.skip("fer2013 absent from ../shared/data")
+    studies = load_dataset(DataConfig(dataset="fer2013", root=str(root), val_fraction=0.1,
+                                      splits={"train": ["train"], "test": ["validation", "test"]}))
+    assert len(studies.train) + len(studies.val) == 28709
+    assert torch.bincount(studies.test.labels).tolist() == [958, 111, 1024, 1774, 1233, 1247, 831]
+    assert studies.origins == {"train": "train/ less the validation share",
+                               "val": "carved from train by data.val_fraction 0.1 (split_seed 0)",
+                               "test": "validation/ + test/"}
+    official = load_dataset(DataConfig(dataset="fer2013", root=str(root), val_fraction=0.1))
+    assert (len(official.train), len(official.val), len(official.test)) == (28709, 3589, 3589)
+    assert official.origins["val"].startswith("validation/; the folder's own validation split")
+    assert torch.equal(torch.cat([official.val.images, official.test.images]), studies.test.images)
