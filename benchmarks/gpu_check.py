@@ -1,9 +1,13 @@
 """One prepared check of classlab's GPU path: the CUDA tests, then one table of training speed.
 
-    python benchmarks/gpu_check.py                 # ~3-4 minutes on one GPU
+    python benchmarks/gpu_check.py                 # ~6 minutes on one GPU
     python benchmarks/gpu_check.py --quick         # fewer steps per row (a smoke run)
+    python benchmarks/gpu_check.py --cpu-dry-run 64 --size 32   # the studies' rows on the CPU, 64 images
 
 Rows (each: training images/s, seconds per epoch, peak GPU memory):
+- the studies' own recipe on FER-2013 complete: experiments/fer2013-resnet18.yaml's scratch-sgd run as it
+  is (ResNet-18 from scratch, 224 px, batch 64, SGD 1e-3 momentum 0.9, the studies' split: 25,838 training
+  images), one whole training epoch timed after a warm-up epoch, eager and with train.compile;
 - FER's ResNet-18 at 224 px (the FER sample repeated to 28,709 training images, batch 64, as in the
   studies), classlab eager and compiled, bf16 autocast (the precision policy's choice on >= 8.0);
 - the same through the notebooks' pipeline: a torchvision-style dataset decoding a PIL image per sample,
@@ -58,7 +62,39 @@ def fer_data(root: Path, size: int):
                           std=data.std, source=data.source, skipped=[])
 
 
-def time_fit(cfgs, data, steps: int) -> dict:
+def studies_recipe(root: Path, size: int, device: str, limit: int | None = None):
+    """experiments/fer2013-resnet18.yaml's scratch-sgd run as the file writes it, on FER-2013 complete at
+    `root` (a stratified `limit` training images for a dry run), and its data."""
+    from classlab.config import load_study
+    from classlab.data import load_dataset
+    from classlab.plan import expand
+
+    overrides = [f"data.root={root}", f"data.resize={size}", f"train.device={device}", "train.epochs=1"]
+    if limit:
+        overrides += [f"data.subset.train={limit}", f"data.subset.test={max(7, limit // 4)}",
+                      f"train.batch_size={min(64, limit // 2)}"]
+    study = load_study(REPO / "experiments" / "fer2013-resnet18.yaml", overrides, notes=[])
+    cfg = next(p.config for p in expand(study) if p.variant == "scratch-sgd")
+    return cfg, load_dataset(cfg.data)
+
+
+def studies_rows(root: Path, size: int, device: torch.device, limit: int | None = None) -> list[tuple[str, dict]]:
+    """The studies' recipe for one whole epoch, eager and compiled."""
+    cfg, data = studies_recipe(root, size, device.type, limit)
+    steps = -(-len(data.train) // cfg.train.batch_size)
+    label = f"FER-2013 studies' recipe (scratch ResNet-18, SGD, {size}px, batch {cfg.train.batch_size}, " \
+            f"{len(data.train):,} images)"
+    compiled = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})})
+    return [(f"{label}, eager", time_fit([cfg], data, steps, device)),
+            (f"{label}, compiled", time_fit([compiled], data, steps, device))]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fit(cfgs, data, steps: int, device: torch.device | None = None) -> dict:
     """classlab's fit over `steps` training steps (after one warm-up epoch of those steps): images/s and
     the epoch time at that rate, peak memory."""
     from classlab.data import ImageData, Split
@@ -66,7 +102,8 @@ def time_fit(cfgs, data, steps: int) -> dict:
     from classlab.train.fit import fit
     from classlab.transforms import preprocess_for
 
-    device = torch.device("cuda")
+    device = device or torch.device("cuda")
+    cuda = device.type == "cuda"
     bs = cfgs[0].train.batch_size
     n = min(len(data.train), steps * bs)
     part = ImageData(train=Split(data.train.images[:n], data.train.labels[:n]), val=None, test=data.test,
@@ -81,17 +118,18 @@ def time_fit(cfgs, data, steps: int) -> dict:
 
     def lap(k, row, state) -> None:
         if k == 0:
-            torch.cuda.synchronize()
+            _sync(device)
             laps.append(time.perf_counter())
 
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
     start = time.perf_counter()
     fit(models, part, two, pre, device, callbacks=[lap])  # epoch 1 warms up (cuDNN autotune, compile)
     seconds = laps[1] - laps[0]
     rate = n * len(cfgs) / seconds
     return {"images_per_s": rate, "epoch_s": len(data.train) * len(cfgs) / rate, "warmup_s": laps[0] - start,
-            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
 
 
 def time_notebook(data, size: int, steps: int, workers: int) -> dict:
@@ -159,7 +197,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=8, help="notebook DataLoader workers")
+    parser.add_argument("--cpu-dry-run", type=int, metavar="N", help="only the studies' rows, on the CPU, with N "
+                        "training images (checks this script's logic where there is no GPU)")
     args = parser.parse_args()
+    if args.cpu_dry_run:
+        rows = studies_rows(Path(args.data) / "fer2013", args.size, torch.device("cpu"), args.cpu_dry_run)
+        print_rows(rows, None)
+        return
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU on this machine; nothing to check (the CPU tests cover the logic)")
         return
@@ -169,8 +213,9 @@ def main() -> None:
     cap = ".".join(map(str, torch.cuda.get_device_capability()))
     print(f"{name} (compute capability {cap}), torch {torch.__version__}", flush=True)
     print(f"CUDA tests: {cuda_tests()}", flush=True)
+    rows = studies_rows(root / "fer2013", args.size, torch.device("cuda"))
+    print_rows(rows, None)
     cfg, fer = fer_data(root / "fer-sample", args.size)
-    rows: list[tuple[str, dict]] = []
     base = {"batch_size": 64, "optimizer": "adam", "lr": 1e-3}
     eager = cfg.model_copy(update={"train": cfg.train.model_copy(update=base)})
     rows.append((f"FER ResNet-18 {args.size}px, classlab eager bf16", time_fit([eager], fer, steps)))
@@ -179,12 +224,16 @@ def main() -> None:
     rows.append((f"FER ResNet-18 {args.size}px, notebook ({args.workers} workers) bf16",
                  time_notebook(fer, args.size, steps, args.workers)))
     rows += fashion_rows(root / "fashion-mnist", steps * 4)
-    notebook = rows[2][1]["images_per_s"]
+    print_rows(rows, rows[4][1]["images_per_s"])
+
+
+def print_rows(rows: list[tuple[str, dict]], notebook: float | None) -> None:
+    """One markdown table; `× notebook` against the notebook pipeline's rate for the FER sample rows."""
     print("\n| row | images/s | s/epoch | warm-up s | peak GiB | × notebook |\n|---|---:|---:|---:|---:|---:|")
     for label, r in rows:
-        ratio = f"{r['images_per_s'] / notebook:.1f}×" if label.startswith("FER") else ""
+        ratio = f"{r['images_per_s'] / notebook:.1f}×" if notebook and label.startswith("FER ResNet") else ""
         print(f"| {label} | {r['images_per_s']:,.0f} | {r['epoch_s']:.2f} | {r['warmup_s']:.1f} | "
-              f"{r['peak_gb']:.2f} | {ratio} |")
+              f"{r['peak_gb']:.2f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":
