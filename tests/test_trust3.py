@@ -142,3 +142,63 @@ def test_report_of_a_pretrained_run_names_its_origin_and_every_run_log_warning(t
     assert "**run.log warning**: input 32x32 is under half the" in md
     html = (_runs(tmp_path) / "report.html").read_text()
     assert "model: timm/resnet10t" in html and "run.log warning" in html
+
+
+def test_smaller_messages_say_what_is_true(tmp_path, idx_folder, run_cli):
+    """Issue 26.10: the did-you-mean's listing command lists something; a 1x1 photo is said to be tiny; a missing
+    relative data.root says paths are taken from the working directory; lr_groups by role on a one-group MLP is
+    refused."""
+    from classlab.models.zoo import _torchvision_names, list_architectures, listing_pattern
+    from classlab.photo import check_input
+
+    pattern = listing_pattern("resnt18", _torchvision_names())
+    assert pattern == "resn" and "torchvision/resnet18" in list_architectures(pattern)
+
+    stats = {"image_mean_range": (0.18, 0.19), "floor_range": (0.0, 0.0), "border_mean_range": (0.0, 0.02)}
+    tiny = check_input(__import__("numpy").full((1, 28, 28), 200, "uint8"), stats, decoded_size=[1, 1])
+    assert tiny == ["the photo is 1x1 pixels, under half the run's 28x28: upscaled 28x, it holds little of what the "
+                    "model was trained on (use a larger photo)"]
+
+    study = tiny_study(tmp_path, idx_folder)
+    study["data"]["root"] = "no/such/folder"
+    code, _, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
+    assert code == 2 and "a relative data.root is taken from the working directory" in err
+
+    study = tiny_study(tmp_path, idx_folder)
+    study["model"] = {"name": "mlp", "hidden": [16]}
+    study["train"]["lr_groups"] = {"head": 0.1}
+    code, out, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
+    assert code in (1, 2) and "'head' would be the whole network" in out + err and "epoch 1/" not in out
+
+
+def test_stacked_seconds_skipped_images_and_resolved_class_weights(tmp_path, idx_folder, run_cli):
+    """Issue 26.10: stacked runs' amortized seconds are not shown as 0.0; compare --images names skipped files on
+    the console; class weights resolved from `auto` are in run.log."""
+    from classlab.report.context import seconds_digits
+
+    assert [seconds_digits(s) for s in (12.3, 0.47, 0.047, 0.0049, 0.0)] == [1, 2, 3, 4, 1]
+    study = tiny_study(tmp_path, idx_folder, grid={"train.lr": [0.01, 0.001]})
+    study["model"] = {"name": "mlp", "hidden": [16]}
+    study["train"].update(epochs=1, class_weights="auto")
+    study["data"]["subset"] = {"keep": {"3": 0.5}}
+    code, out, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
+    assert code == 0, err
+    assert "training 2 runs together" in out
+    summary = json.loads((_runs(tmp_path) / "lr0.01" / "summary.json").read_text())
+    shown = f"{summary['seconds']:.{seconds_digits(summary['seconds'])}f}"
+    assert shown != "0.0" and f"│ {shown} │" in out
+    log = (_runs(tmp_path) / "lr0.01" / "run.log").read_text()
+    line = next(x for x in log.splitlines() if x.startswith("class weights (auto): "))
+    weights = dict(item.split() for item in line.split(": ", 1)[1].split(", "))
+    assert float(weights["3"]) > float(weights["0"])  # the halved class weighs more
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    from PIL import Image
+
+    Image.new("L", (28, 28), 30).save(images / "good.png")
+    (images / "bad.png").write_bytes(b"not an image")
+    code, out, err = run_cli("compare", str(_runs(tmp_path) / "lr0.01"), str(_runs(tmp_path) / "lr0.001"),
+                             "--images", str(images))
+    assert code == 0, err
+    assert "skipped bad.png (" in out

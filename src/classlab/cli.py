@@ -48,6 +48,8 @@ def print_comparison(summaries: list[dict], title: str, folder: Path | None = No
     """The comparison table; given the study folder, also each variant's accuracy difference against the
     reference (`reference`, else the first variant) with its 95% interval and the paired test's verdict."""
     from classlab.evidence import against_reference, compare_runs
+    from classlab.report.context import seconds_digits
+    from classlab.results import summary_from
 
     rows = compare_runs(summaries)
     tests: list[dict] = []
@@ -64,8 +66,9 @@ def print_comparison(summaries: list[dict], title: str, folder: Path | None = No
         table.add_column(f"Δ acc vs {tests[0]['b']} [95% CI]", justify="right", no_wrap=True)
         table.add_column("verdict", no_wrap=True)
     for r in rows:
-        cells = [r.variant, str(r.accuracy.n), r.accuracy.format(100), r.loss.format(1, 4), r.macro_f1.format(1, 4),
-                 f"{r.parameters:,}", r.epochs.format(1, 1), r.seconds.format(1, 1)]
+        shown = [metrics.get(name).format_stat(getattr(r, name)) for name in metrics.TABLE]  # as the report shows them
+        cells = [r.variant, str(r.accuracy.n), *shown, f"{r.parameters:,}", r.epochs.format(1, 1),
+                 r.seconds.format(1, seconds_digits(r.seconds.mean))]
         table.add_row(*cells, *(against_reference(r.variant, tests) if tests else ()))
     needed = Measurement.get(console, console.options.update_width(400), table).maximum
     out = console if needed <= console.width else Console(file=console.file, width=needed,
@@ -313,6 +316,8 @@ def compare_cmd(
         console.print(table)
     else:
         console.print(table.title)
+    for name in result.skipped:  # on the console too, not only in compare.md
+        console.print(f"skipped {name}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     console.print(f"comparison: {result.html}\nmarkdown: {result.md}", markup=False, highlight=False)
 
 

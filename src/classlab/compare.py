@@ -62,6 +62,7 @@ class CompareResult:
     total: int
     disagreements: list[dict[str, Any]]
     counts: dict[str, int]
+    skipped: list[str] = field(default_factory=list)  # your images either run could not use, with why
 
 
 def _run_folder(path: str | Path) -> RunFolder:
@@ -142,7 +143,8 @@ def photo_inputs(a: RunFolder, b: RunFolder, path: Path, device: str = "auto", *
         if isinstance(ra, Prediction) and isinstance(rb, Prediction):
             kept.append((file, ra, rb))
         else:
-            skipped.append(file.name)
+            failed = ra if not isinstance(ra, Prediction) else rb
+            skipped.append(f"{file.name} ({getattr(failed, 'message', 'not read')})")
     if not kept:
         raise ClasslabError(f"--images {path}: no readable image (skipped {', '.join(skipped)})")
     thumbs: list[np.ndarray | None] = [np.asarray(ra.prepared.original).transpose(2, 0, 1) for _, ra, _ in kept]
@@ -223,4 +225,4 @@ def compare(run_a: str | Path, run_b: str | Path, images: str | Path | None = No
     }
     folder = Path(out) if out else a.path.parent / f"compare-{slug(a.name)}-vs-{slug(b.name)}"
     html_path, md_path = write_pages(folder, "compare", context, figures)
-    return CompareResult(html_path, md_path, counts["images"], rows, counts)
+    return CompareResult(html_path, md_path, counts["images"], rows, counts, list(inputs.skipped))

@@ -426,9 +426,20 @@ def margin_from_fill(fill: float | None) -> float | None:
     return round(min(max((1.0 / min(fill, 1.0) - 1.0) / 2.0, 0.0), 0.5), 2)
 
 
-def check_input(image: np.ndarray, stats: dict) -> list[str]:
-    """Warnings when a prepared uint8 C×H×W image looks unlike the training images."""
+def check_input(image: np.ndarray, stats: dict, decoded_size: tuple[int, int] | list[int] | None = None
+                ) -> list[str]:
+    """Warnings when a prepared uint8 C×H×W image looks unlike the training images. `decoded_size` (W, H of the
+    photo as decoded): a photo under half the run's size is said first; one under a quarter of it is only that
+    (its brightness and background are what upscaling a few pixels made, not the photo's)."""
     warnings_: list[str] = []
+    if decoded_size is not None:
+        (w, h), (rh, rw) = decoded_size, image.shape[1:]
+        if w < rw / 2 or h < rh / 2:
+            warnings_.append(f"the photo is {w}x{h} pixels, under half the run's {rw}x{rh}: upscaled "
+                             f"{max(rw / w, rh / h):.0f}x, it holds little of what the model was trained on "
+                             "(use a larger photo)")
+            if w < rw / 4 or h < rh / 4:
+                return warnings_
     x = image.astype(np.float32) / 255.0
     tol = stats.get("tolerance", STATS_TOLERANCE)
     lo, hi = stats.get("image_mean_range", (0.0, 1.0))

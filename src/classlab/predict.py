@@ -157,7 +157,8 @@ def _predict_chunk(run: LoadedRun, chunk: list[Path | Failure], options: PhotoOp
     if prepared:
         probs = predict_images(run, np.stack([p.image for p in prepared.values()]), normalize)
         for (i, prep), p in zip(prepared.items(), probs, strict=True):
-            results[i] = Prediction(chunk[i], p, prep, check_input(prep.image, run.stats))  # type: ignore[arg-type]
+            said = check_input(prep.image, run.stats, prep.steps.get("decoded_size"))  # size first, then looks
+            results[i] = Prediction(chunk[i], p, prep, said)  # type: ignore[arg-type]
     return results  # type: ignore[return-value]
 
 

@@ -156,8 +156,9 @@ def _reevaluate(folder: RunFolder, cfg: RunConfig, device: torch.device, diffs: 
         folder.calibration_path.unlink(missing_ok=True)  # predict must not apply a temperature no longer asked for
     folder.write_predictions(data.test.labels, test.probs, test.worst, data.test.images[test.worst])
     old = folder.read_summary()
-    doc = {**old.to_json(), "test": test.metrics, "calibration": test.calibration, "test_tta": test.tta}
-    summary = type(old).model_validate(doc)
+    doc = {**(old.to_json() if hasattr(old, "to_json") else old), "test": test.metrics,
+           "calibration": test.calibration, "test_tta": test.tta}
+    summary = type(old).model_validate(doc) if hasattr(old, "to_json") else doc  # typed, or an older dict
     folder.write_summary(summary)
     changed = ", ".join(f"{key}: {before!r} -> {after!r}" for key, before, after in diffs)
     folder.write_run_log([*folder.read_run_log(), f"re-evaluated from {folder.result_weights_path().name} "
@@ -197,6 +198,13 @@ def _write_run_files(folder: RunFolder, cfg: RunConfig, data: ImageData, model: 
              f"test {len(data.test)} images, classes {data.classes}", distributed.describe()]
     lines += [f"{name} split: {where}" for name, where in data.origins.items()]  # folders, or carved by which key
     lines += describe_preprocess(pre)  # what the model sees, where each value came from, mismatch warnings
+    if cfg.train.class_weights is not None:  # the weights the loss uses, `auto` resolved on this training split
+        from classlab.train.optim import class_weights
+
+        weights = class_weights(cfg.train.class_weights, data.classes, data.train.labels)
+        spec = "auto" if cfg.train.class_weights == "auto" else "as listed, 1 for the rest"
+        lines.append(f"class weights ({spec}): " + ", ".join(
+            f"{name} {w:.4g}" for name, w in zip(data.classes, weights.tolist(), strict=True)))
     folder.write_run_log(lines + [f"skipped file: {s}" for s in data.skipped])
 
 

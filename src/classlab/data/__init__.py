@@ -177,7 +177,14 @@ FILE_ROOTS = ("fer2013", "csv", "parquet")  # data.root may be a file (fer2013.c
 
 
 def _check_root_is_folder(cfg: DataConfig) -> None:
-    """A file given as data.root is said to be a file (every loader would otherwise call it missing)."""
+    """A file given as data.root is said to be a file (every loader would otherwise call it missing); a missing
+    relative data.root says where relative paths are taken from (the working directory, not the study file's)."""
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    downloads = cfg.dataset in ("fashion-mnist", "mnist") and cfg.download
+    if root is not None and not root.is_absolute() and not root.exists() and not downloads:
+        raise ClasslabError(f"data.root {cfg.root} does not exist: a relative data.root is taken from the working "
+                            f"directory ({Path.cwd()}), not from the study file's folder; run classlab from the folder "
+                            "it is relative to, or give an absolute path")
     if cfg.root and cfg.dataset not in FILE_ROOTS:
         root = Path(cfg.root).expanduser()
         if root.is_file():

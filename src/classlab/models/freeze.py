@@ -161,6 +161,9 @@ def block_names(model: nn.Module) -> list[str]:
 def _select(groups: list[Group], key: str, where: str) -> list[int]:
     """Indices of the groups a config key names: a group or module name, or a role."""
     stages = [i for i, g in enumerate(groups) if g.role == "stage"]
+    if len(groups) == 1 and (key in ROLES or key == "fc" or re.fullmatch(r"stage\d+", key)):
+        raise ClasslabError(f"{where}: '{key}' would be the whole network: this model is one parameter group "
+                            f"({groups[0].name}), with no head or stages apart; use train.lr (and no freeze) for it")
     if key in ("stem", "head"):
         found = [i for i, g in enumerate(groups) if g.role == key]
     elif key == "stages":

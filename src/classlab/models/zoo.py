@@ -10,7 +10,9 @@ Nothing here re-implements an architecture.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +70,18 @@ def check_arch(cfg: ZooConfig) -> None:
             return
     close = suggest(cfg.arch, names)
     raise ClasslabError(f"model.name: {cfg.family} has no architecture '{cfg.arch}'{close}; "
-                        f"list them with: classlab models {cfg.arch.split('_')[0][:6]}")
+                        f"list them with: classlab models {listing_pattern(cfg.arch, names)}")
+
+
+def listing_pattern(arch: str, names: list[str]) -> str:
+    """A `classlab models` pattern that lists something: the longest start of the misspelt name that some
+    architecture still holds (`resnt18` -> `res`), else the closest name's family (`classlab models resnet`)."""
+    word = arch.split("_")[0].lower()
+    for n in range(min(len(word), 8), 2, -1):
+        if any(word[:n] in name.lower() for name in names):
+            return word[:n]
+    close = difflib.get_close_matches(arch, names, n=1, cutoff=0.0)
+    return re.split(r"[_\d]", close[0])[0] if close and re.split(r"[_\d]", close[0])[0] else "'*'"
 
 
 def list_architectures(pattern: str | None = None, pretrained: bool = False) -> list[str]:

@@ -27,6 +27,14 @@ CHECKS = ("test accuracy near chance", "validation accuracy far above training a
           "Grad-CAM maps of a pixel-permuted run against its original's", "warnings in each run.log")
 
 
+def seconds_digits(seconds: float) -> int:
+    """Decimals that show a run's time as more than 0.0: a stacked run's amortized share of its group's seconds
+    (train/fit.py) is often a few hundredths."""
+    import math
+
+    return 1 if seconds >= 1 or seconds <= 0 else min(4, 1 - math.floor(math.log10(seconds)))
+
+
 def slug(text: str) -> str:
     """A file-name-safe stem (user names never reach the file system as they are)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")[:60] or "run"
@@ -59,7 +67,7 @@ def comparison_rows(rows: list[VariantRow], permuted_of: dict[str, str],
             "accuracy": row.accuracy.format(100), "ci": _accuracy_ci(row.accuracy),
             "loss": row.loss.format(1, 4), "macro_f1": row.macro_f1.format(1, 4),
             "parameters": f"{row.parameters:,}", "epochs": row.epochs.format(1, 1),
-            "seconds": row.seconds.format(1, 1), "within_noise": near,
+            "seconds": row.seconds.format(1, seconds_digits(row.seconds.mean)), "within_noise": near,
             "best": row.accuracy.mean == best, "permuted_of": permuted_of.get(row.variant),
             "vs_reference": vs, "verdict": call,
         })
@@ -276,10 +284,9 @@ def run_rows(runs: list[RunData]) -> list[dict[str, Any]]:
         s = run.summary
         rows.append({"name": run.name, "seed": s.get("seed", ""), "accuracy": pct(s["test"]["accuracy"]),
                      "balanced_accuracy": balanced(s) or "—",
-                     "loss": f"{s['test']['loss']:.4f}", "macro_f1": f"{s['test']['macro']['f1']:.4f}",
-                     "epochs": s.get("epochs_run", len(run.metrics)), "best_epoch": s.get("best_epoch", ""),
-                     "stopped_early": "yes" if s.get("stopped_early") else "no",
-                     "seconds": f"{s.get('seconds', 0.0):.1f}"})
+                     "epochs": s.epochs_run or len(run.metrics), "best_epoch": s.best_epoch or "",
+                     "stopped_early": "yes" if s.stopped_early else "no",
+                     "seconds": f"{s.seconds:.{seconds_digits(s.seconds)}f}"})
     return rows
 
 
@@ -367,10 +374,9 @@ def run_section(index: int, run: RunData, permuted_of: dict[str, str]) -> tuple[
     section = {
         "anchor": f"run-{index}", "name": run.name, "seed": s.get("seed", ""),
         "permuted": is_permuted(run), "original": permuted_of.get(variant),
-        "accuracy": pct(s["test"]["accuracy"]), "loss": f"{s['test']['loss']:.4f}",
-        "epochs_run": s.get("epochs_run", len(run.metrics)), "planned_epochs": run.planned_epochs,
-        "best_epoch": s.get("best_epoch"), "stopped_early": bool(s.get("stopped_early")),
-        "seconds": f"{s.get('seconds', 0.0):.1f}", "device": s.get("device", ""), "data": s.get("data") or {},
+        **test_values(s), "epochs_run": s.epochs_run or len(run.metrics), "planned_epochs": run.planned_epochs,
+        "best_epoch": s.best_epoch, "stopped_early": s.stopped_early,
+        "seconds": f"{s.seconds:.{seconds_digits(s.seconds)}f}", "device": s.device, "data": s.data or {},
         "classes": run.classes,
         "curves": figures[0] if run.metrics else None, "confusion": figures[-1], "mistakes": mistakes,
         "per_class": per_class_rows(s["test"], run.classes),
