@@ -49,7 +49,6 @@ def print_comparison(summaries: list[dict], title: str, folder: Path | None = No
     reference (`reference`, else the first variant) with its 95% interval and the paired test's verdict."""
     from classlab.evidence import against_reference, compare_runs
     from classlab.report.context import seconds_digits
-    from classlab.results import summary_from
 
     rows = compare_runs(summaries)
     tests: list[dict] = []
@@ -66,9 +65,8 @@ def print_comparison(summaries: list[dict], title: str, folder: Path | None = No
         table.add_column(f"Δ acc vs {tests[0]['b']} [95% CI]", justify="right", no_wrap=True)
         table.add_column("verdict", no_wrap=True)
     for r in rows:
-        shown = [metrics.get(name).format_stat(getattr(r, name)) for name in metrics.TABLE]  # as the report shows them
-        cells = [r.variant, str(r.accuracy.n), *shown, f"{r.parameters:,}", r.epochs.format(1, 1),
-                 r.seconds.format(1, seconds_digits(r.seconds.mean))]
+        cells = [r.variant, str(r.accuracy.n), r.accuracy.format(100), r.loss.format(1, 4), r.macro_f1.format(1, 4),
+                 f"{r.parameters:,}", r.epochs.format(1, 1), r.seconds.format(1, seconds_digits(r.seconds.mean))]
         table.add_row(*cells, *(against_reference(r.variant, tests) if tests else ()))
     needed = Measurement.get(console, console.options.update_width(400), table).maximum
     out = console if needed <= console.width else Console(file=console.file, width=needed,
