@@ -282,3 +282,28 @@ def test_stacked_members_mix_as_they_would_alone(idx_folder, monkeypatch):
     stacked, sm, alone, am = _both(cfgs, torch.float64, monkeypatch)
     assert all(r.stacked == 3 for r in stacked)
     _assert_same(stacked, sm, alone, am)
+
+
+def test_one_op_table_gives_the_pipeline_its_fast_path_and_the_tta_views():
+    from classlab.config import EvalConfig
+    from classlab.transforms import AUGMENT_OPS, VIEWS
+    from classlab.tta import view_fn
+
+    assert [op.name for op in AUGMENT_OPS] == ["random_resized_crop", "hflip", "vflip", "rotate", "policy",
+                                               "color_jitter", "random_erasing", "mix"]
+    pre, gen = _pre(1, 16), torch.Generator()
+    full = BatchTransform(pre, Augment(**ALL, color_jitter={"brightness": 0.2}), CPU, gen)
+    assert [op.name for op, _ in full.steps["stored"]] == ["random_resized_crop", "hflip", "rotate", "policy"]
+    assert [op.name for op, _ in full.steps["model"]] == ["color_jitter"] and full.mixes
+    # the fast path (normalize while converting from uint8) exactly when every op commutes with normalization
+    commuting = Augment(random_resized_crop=True, hflip=0.5, random_erasing=True)
+    assert BatchTransform(pre, commuting, CPU, gen).normalize_first
+    for slow in ({"rotate": 10}, {"color_jitter": {"brightness": 0.2}}, {"trivialaugment": True}):
+        assert not BatchTransform(pre, Augment(**slow), CPU, gen).normalize_first, slow
+    assert not BatchTransform(pre, Augment(hflip=0.5), CPU).steps["stored"]  # no generator (eval): no augmentation
+    # a TTA view is its op at one setting: the rotated view is the training rotation at that angle
+    x = _batch(8, 1, 16)[0]
+    angles = torch.full((8,), math.radians(10), dtype=torch.float64)
+    assert torch.equal(view_fn("rotate:10")(x), T.rotate(x.float(), angles).round().clamp(0, 255).to(torch.uint8))
+    assert torch.equal(view_fn("hflip")(x), x.flip(-1)) and torch.equal(view_fn("vflip")(x), x.flip(-2))
+    assert sorted(VIEWS) == ["hflip", "rotate", "vflip"] and EvalConfig(tta=["hflip", "vflip", "rotate:5"]).tta

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from classlab.compare import compare, image_files, photo_inputs
 from classlab.inference import load_run
 from classlab.predict import expand_inputs, photo_options, predict_paths
-from classlab.report.compare import compare, image_files, photo_inputs
 from classlab.runs import RunFolder
 from tests.conftest import make_idx_folder, synthetic_images, tiny_study, write_study
 

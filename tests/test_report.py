@@ -434,6 +434,40 @@ def test_demo_report_shows_calibration_class_distribution_and_grad_cam(demo_runs
     assert 0 <= summary["test"]["ece"] <= 1 and summary["calibration"]["temperature"] is None
 
 
+def test_grad_cam_maps_are_stored_when_a_run_finishes_and_the_report_only_reads_them(demo_runs, tmp_path,
+                                                                                    monkeypatch):
+    import torch
+
+    import classlab.cam
+    import classlab.inference
+    from classlab.runs import RunFolder
+
+    folder = RunFolder(demo_runs / "original")
+    stored, pred = folder.read_gradcam(), folder.read_predictions()
+    worst = pred["worst_images"]
+    assert stored["maps"].shape == (len(worst), *worst.shape[-2:]) and stored["reason"] is None
+    assert stored["maps"].min() >= 0 and stored["maps"].max() <= 1 and stored["autocorrelation"] is not None
+    # the maps of the weights behind the test numbers, as the report used to compute them from the checkpoint
+    run = classlab.inference.load_run(folder.path, device="cpu")
+    guess = [int(p) for p in pred["y_pred"][pred["worst_index"]]]
+    again = classlab.cam.image_cams(run.model, run.pre, worst, guess, torch.device("cpu"))
+    assert np.allclose(stored["maps"], again, atol=2e-3)
+    assert f"predicted class at {stored['layer']}" in (demo_runs / "report.html").read_text()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report ran a model")
+
+    monkeypatch.setattr(classlab.inference, "load_run", refuse)
+    monkeypatch.setattr(classlab.cam, "grad_cam", refuse)
+    old = tmp_path / "old"  # a run folder from before the maps were stored: reported, the maps said missing
+    shutil.copytree(demo_runs, old)
+    for path in old.glob("*/gradcam.npz"):
+        path.unlink()
+    html_path, md_path = make_report(old)
+    assert "No maps: not stored with this run" in html_path.read_text()
+    assert "not stored with this run" in md_path.read_text()
+
+
 def test_permuted_grad_cam_noise_is_a_sanity_note():
     runs = [_run("original", 0.9), _run("permuted", 0.8, permuted=True)]
     rows = compare_runs([r.summary for r in runs])

@@ -9,6 +9,9 @@ Maps are computed on the model's input (after the run's evaluation transform) an
 image as stored (`to_stored`: resized to the stored size, the pixel permutation undone), so they overlay
 the image the user sees. A pixel-permuted run's map, undone that way, is scattered over the image: its
 neighbouring pixels are nearly uncorrelated (`spatial_autocorrelation`), where an ordinary CNN's map is smooth.
+
+A run's maps of its worst mistakes are made when it finishes (`mistake_cams`, study.py) and kept in its folder
+(gradcam.npz): the report only reads them.
 """
 
 from __future__ import annotations
@@ -22,9 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from classlab.transforms import BatchTransform, Preprocess
-
-NOISE_AUTOCORRELATION = 0.3  # below this, a map's neighbouring pixels are nearly independent: it looks like noise
-SMOOTH_AUTOCORRELATION = 0.6  # at or above this, a map is smooth (an ordinary CNN's at 28×28: about 0.9)
 
 
 def target_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -150,14 +150,20 @@ def save_photo_cams(path: Path, name: str, image: np.ndarray, maps: np.ndarray, 
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def run_cams(run_path: str | Path, images: np.ndarray, targets: list[int]) -> tuple[np.ndarray, str]:
-    """Grad-CAM maps of a run folder's model (rebuilt on the CPU by classlab.inference, with the weights its
-    test numbers came from) on stored uint8 images, and the target layer's name. ValueError for a model
-    without a convolution; ClasslabError for a folder whose model cannot be loaded."""
-    from classlab.inference import load_run
-
-    run = load_run(run_path, device="cpu")
-    found = target_layer(run.model)
+def mistake_cams(model: nn.Module, pre: Preprocess, images: np.ndarray, targets: list[int],
+                 device: torch.device) -> dict:
+    """What a run folder keeps of Grad-CAM when the run finishes (RunFolder.write_gradcam's arguments): the maps
+    of the trained model on its worst mistakes (stored uint8 images, their predicted classes), the target layer
+    and the maps' neighbouring-pixel correlation; without maps (no mistakes, no convolution, a failing hook)
+    the reason instead, so the report says why and never has to run the model itself."""
+    found = target_layer(model)
+    if len(images) == 0:
+        return {"maps": None, "layer": None, "autocorrelation": None, "reason": "no mistakes on the test set"}
     if found is None:
-        raise ValueError("the model has no convolution")
-    return image_cams(run.model, run.pre, images, targets, run.device), found[0]
+        return {"maps": None, "layer": None, "autocorrelation": None, "reason": "the model has no convolution"}
+    try:
+        maps = image_cams(model, pre, images, targets, device)
+    except Exception as e:  # an optional figure: the report says why it is missing, the run goes on
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        return {"maps": None, "layer": None, "autocorrelation": None, "reason": reason}
+    return {"maps": maps, "layer": found[0], "autocorrelation": spatial_autocorrelation(maps), "reason": None}

@@ -300,7 +300,7 @@ def compare_cmd(
     """Two models' class probabilities side by side, image by image, and where they disagree."""
     from rich.markup import escape
 
-    from classlab.report.compare import compare
+    from classlab.compare import compare
 
     result = compare(run_a, run_b, images=images, n=n, out=out)
     shown = result.disagreements[:20]

@@ -5,6 +5,9 @@ re-evaluated; the images themselves come from the run's dataset (when it can sti
 user's own images each run is loaded and applied by `classlab.inference`, each photo prepared by
 `classlab.photo` with the run's own defaults, exactly as `classlab predict` does: the same photo gets
 the same probabilities from both commands.
+
+This module makes the comparison's data (it runs models, so it lives outside `report/`, which only reads
+run folders); the page is drawn by report.plots and written by report.render, as the study report is.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from pydantic import (
 from classlab.errors import ClasslabError, one_line
 from classlab.registry import ACTIVATIONS as ACTIVATION_REGISTRY
 from classlab.registry import DATASETS as DATASET_REGISTRY
+from classlab.registry import MODEL_ALIASES, PRESETS, ZOO_FAMILIES, suggest
 from classlab.registry import MODELS as MODEL_REGISTRY
-from classlab.registry import PRESETS, ZOO_FAMILIES, suggest
 
 
 class Strict(BaseModel):
@@ -469,14 +469,6 @@ class FreezeSpec(Strict):
         min_length=1, description="what stays trainable, e.g. [layer4, fc] or [last_stage, head]; the rest is frozen")
 
 
-class ResNetConfig(Strict):
-    name: Literal["resnet18"] = Field(description="torchvision's ResNet-18")
-    pretrained: str = Field("none", description="none | imagenet | a .pth file | a classlab run folder")
-    head: list[LayerSpec] | None = Field(None, description="layers before the final Linear, e.g. [{linear: 256}, relu]")
-    freeze: FreezeSpec | Literal["none"] = Field(
-        "none", description="none, or {all_but: [...]}: train only the named blocks")
-
-
 class ZooConfig(Strict):
     """Any timm or torchvision classification architecture: `timm/<arch>` or `torchvision/<arch>`."""
 
@@ -489,11 +481,20 @@ class ZooConfig(Strict):
 
     @property
     def family(self) -> str:
-        return self.name.split("/", 1)[0]
+        return MODEL_ALIASES.get(self.name, self.name).split("/", 1)[0]
 
     @property
     def arch(self) -> str:
-        return self.name.split("/", 1)[1]
+        return MODEL_ALIASES.get(self.name, self.name).split("/", 1)[1]
+
+
+class ZooAliasConfig(ZooConfig):
+    """A zoo model by a short name (registry.MODEL_ALIASES): `resnet18` is torchvision/resnet18 on the images as
+    they are (their size and statistics, a first convolution on their channels), the transfer study's model."""
+
+    tag: ClassVar[str] = "alias"
+    name: Literal[tuple(MODEL_ALIASES)] = Field(  # type: ignore[valid-type]
+        description="resnet18: torchvision's ResNet-18 (torchvision/resnet18 on the images as they are)")
 
 
 def _model_tag(v: Any) -> str | None:
@@ -504,12 +505,14 @@ def _model_tag(v: Any) -> str | None:
         return None
     if name.split("/", 1)[0] in ZOO_FAMILIES and "/" in name:
         return "zoo"
+    if name in MODEL_ALIASES:
+        return "alias"
     return "preset" if name in PRESETS else name
 
 
 ModelConfig = Annotated[
     Annotated[MLPConfig, Tag("mlp")] | Annotated[CNNConfig, Tag("cnn")] | Annotated[PresetConfig, Tag("preset")]
-    | Annotated[ResNetConfig, Tag("resnet18")] | Annotated[ZooConfig, Tag("zoo")],
+    | Annotated[ZooAliasConfig, Tag("alias")] | Annotated[ZooConfig, Tag("zoo")],
     Discriminator(_model_tag),
 ]
 MODEL_NAMES = MODEL_REGISTRY.names()

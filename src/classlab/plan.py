@@ -13,6 +13,7 @@ from typing import Any
 
 from classlab.config import RunConfig, StudyConfig, deep_merge, validate
 from classlab.errors import ClasslabError
+from classlab.registry import model_family
 
 
 @dataclass(frozen=True)
@@ -185,26 +186,16 @@ SHARED_TRAIN_KEYS = ("epochs", "batch_size", "eval_batch_size", "loss", "softmax
 VMAP_ON_CPU = False
 
 
-def _mlp_signature(cfg: RunConfig) -> tuple | None:
-    """Widths and activation of an MLP-family model (what the wide stacked MLP needs equal), or None."""
-    m = cfg.model
-    if m.name == "study_d_mlp":
-        return ("mlp", (256, 128, 64), "tanh")
-    if m.name == "mlp":
-        return ("mlp", tuple(m.hidden), m.activation)
-    return None
-
-
 def stack_key(cfg: RunConfig, device_type: str = "cpu") -> tuple | None:
-    """Runs with equal keys can be trained together on a device of `device_type`; None: this run trains alone."""
+    """Runs with equal keys can be trained together on a device of `device_type`; None: this run trains alone.
+    What the model must share comes from its family record (registry.MODEL_FAMILIES)."""
     t = cfg.train
-    if cfg.model.name == "resnet18" or "/" in cfg.model.name or t.lr_groups:  # ImageNet-size nets (timm/, torchvision/)
+    family = model_family(cfg.model.name)
+    model = family.stack_signature(cfg.model)
+    if model is None or t.lr_groups:  # ImageNet-size nets (resnet18, timm/, torchvision/); per-layer LRs
         return None
-    model = _mlp_signature(cfg)
-    if model is None:
-        if device_type == "cpu" and not VMAP_ON_CPU:
-            return None
-        model = ("same", repr(cfg.model))
+    if family.stacking == "same" and device_type == "cpu" and not VMAP_ON_CPU:
+        return None
     return model, repr(cfg.data), tuple(repr(getattr(t, k)) for k in SHARED_TRAIN_KEYS)
 
 

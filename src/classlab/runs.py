@@ -9,6 +9,7 @@
         metrics.jsonl        one line per finished epoch
         checkpoints/last.pt  full training state (resume); checkpoints/best.pt the best epoch's
         predictions.npz      test labels, predictions, probabilities, worst mistakes
+        gradcam.npz          Grad-CAM maps of the worst mistakes (made when the run finishes; the report reads them)
         oof.npz              data.cv: the fold's held-out images (pool positions), labels and probabilities
         temperature.json     the temperature fitted on the validation logits (eval.temperature_scaling)
         summary.json         written last: its presence is what marks the run complete
@@ -69,6 +70,7 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
 PREDICTIONS = "predictions.npz"
+GRADCAM = "gradcam.npz"
 SUMMARY = "summary.json"
 FAILED = "failed.json"
 TEMPERATURE = "temperature.json"
@@ -116,6 +118,7 @@ class RunFolder:
     last_path = property(lambda self: self.path / CHECKPOINTS / LAST)
     best_path = property(lambda self: self.path / CHECKPOINTS / BEST)
     predictions_path = property(lambda self: self.path / PREDICTIONS)
+    gradcam_path = property(lambda self: self.path / GRADCAM)
     summary_path = property(lambda self: self.path / SUMMARY)
     failed_path = property(lambda self: self.path / FAILED)
     calibration_path = property(lambda self: self.path / TEMPERATURE)
@@ -338,6 +341,27 @@ class RunFolder:
                 return {k: npz[k] for k in npz.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None
+
+    def write_gradcam(self, maps: Any | None, layer: str | None, autocorrelation: float | None,
+                      reason: str | None = None) -> None:
+        """The Grad-CAM maps [N, H, W] of the worst mistakes (float16, in [0, 1], on the image as stored), the
+        layer they were read at and their neighbouring-pixel correlation; or, when there are none, why."""
+        arrays = {"maps": _array(maps).astype(np.float16) if maps is not None else np.zeros((0, 0, 0), np.float16),
+                  "layer": np.array(layer or ""), "reason": np.array(reason or ""),
+                  "autocorrelation": np.array(np.nan if autocorrelation is None else autocorrelation)}
+        atomic_write(self.gradcam_path, lambda f: np.savez_compressed(f, **arrays))
+
+    def read_gradcam(self) -> dict[str, Any] | None:
+        """{"maps" (float32 or None), "layer", "autocorrelation", "reason"} as write_gradcam stored them; None when
+        the run has none (trained by an older classlab) or the file is unreadable."""
+        try:
+            with np.load(self.gradcam_path, allow_pickle=False) as npz:
+                maps, layer, reason = npz["maps"], str(npz["layer"]), str(npz["reason"])
+                autocorrelation = float(npz["autocorrelation"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        return {"maps": maps.astype(np.float32) if maps.size else None, "layer": layer or None,
+                "autocorrelation": None if np.isnan(autocorrelation) else autocorrelation, "reason": reason or None}
 
     def write_calibration(self, calibration: dict) -> None:
         """temperature.json: {"temperature": T, ...how it was fitted}; written before summary.json."""

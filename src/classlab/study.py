@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 
 from classlab import evidence
+from classlab.cam import mistake_cams
 from classlab.config import RunConfig, StudyConfig, load_study, validate
 from classlab.data import ImageData, load_dataset
 from classlab.errors import ClasslabError, RunFailed
@@ -209,12 +210,16 @@ def _write_run_files(folder: RunFolder, cfg: RunConfig, data: ImageData, model: 
 
 
 def _finish_run(prep: _Prepared, result: FitResult, device: torch.device) -> dict:
-    """Evaluate the trained model on the test set; write predictions, then summary.json (last)."""
+    """Evaluate the trained model on the test set; write predictions and the Grad-CAM maps of its worst
+    mistakes (the report only reads them), then summary.json (last)."""
     data, model = prep.data, prep.model
     test = evaluate_run(model, data, prep.pre, prep.cfg, device)  # + the eval section: temperature, TTA
     if test.temperature is not None:
         prep.folder.write_calibration(test.temperature)
-    prep.folder.write_predictions(data.test.labels, test.probs, test.worst, data.test.images[test.worst])
+    worst = data.test.images[test.worst]
+    prep.folder.write_predictions(data.test.labels, test.probs, test.worst, worst)
+    guess = test.probs[test.worst].argmax(1).tolist()  # the predicted class of each mistake: what its map explains
+    prep.folder.write_gradcam(**mistake_cams(model, prep.pre, worst.numpy(), guess, device))
     if data.held_out is not None:  # data.cv: the fold's out-of-fold predictions
         _write_out_of_fold(prep, device)
     summary = run_summary(prep.cfg, data, result, test, parameter_count(model), device)

@@ -8,13 +8,24 @@ augmentation) is stored with a run so `predict` applies exactly what evaluation 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from classlab.config import Augment, ColorJitter, RandAugment, RandomErasing, RandomResizedCrop, RunConfig
+from classlab.config import (
+    Augment,
+    ColorJitter,
+    RandAugment,
+    RandomErasing,
+    RandomResizedCrop,
+    RunConfig,
+    TrivialAugment,
+)
 from classlab.errors import ClasslabError
+from classlab.registry import model_family
 
 
 def pixel_permutation(seed: int, num_pixels: int) -> torch.Tensor:
@@ -73,7 +84,7 @@ def preprocess_for(cfg: RunConfig, data) -> Preprocess:
     if cfg.data.permute_pixels is not None:
         perm = tuple(pixel_permutation(cfg.data.permute_pixels.seed, h * w).tolist())
     weights, model_c = None, None
-    if "/" in cfg.model.name:  # timm/<arch>, torchvision/<arch>
+    if model_family(cfg.model.name).input == "weights":  # timm/<arch>, torchvision/<arch>: the weights' own
         from classlab.models.zoo import expected_channels, weights_preprocessing
 
         weights = weights_preprocessing(cfg.model)
@@ -152,11 +163,16 @@ def random_hflip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch
 def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator) -> torch.Tensor:
     """Rotate each image by its own angle in ±degrees about the centre, zeros outside (torchvision's fill=0)."""
     n = x.shape[0]
-    angles = (torch.rand(n, device=x.device, generator=generator) * 2 - 1) * math.radians(degrees)
+    return rotate(x, (torch.rand(n, device=x.device, generator=generator) * 2 - 1) * math.radians(degrees))
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate image i by angles[i] radians about the centre: one affine_grid + grid_sample (bilinear, zeros
+    outside). The training rotation and the rotated TTA views both come through here."""
     cos, sin = torch.cos(angles), torch.sin(angles)
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -478,6 +494,54 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, 
     return torch.lerp(x, x.roll(1, 0), weight), torch.lerp(target.roll(1, 0), target, keep.view(n, 1))
 
 
+# ----------------------------------------------------------------------------- the augmentation table
+
+
+@dataclass(frozen=True)
+class AugmentOp:
+    """One augmentation in BatchTransform's pipeline. `setting` reads the op's setting from `augment` (None: off);
+    `apply(transform, x, setting)` runs it on a batch with the transform's generator. `stage`: where it runs,
+    `stored` (on the image as stored: before the pixel permutation and resizing), `model` (on the model's input
+    size and channels), `normalized` (last, on the normalized input) or `labels` (fit's `mix`, with the labels).
+    `pixels`: it needs plain pixel values (a zero fill that must stay black, a clamp to [0, 1]), so the batch
+    cannot be normalized first; `unit`: it works on [0, 1] values. An op with neither is a gather or an average
+    with weights summing to one, which commutes with the per-channel normalization. `view(x, value)`: the
+    deterministic version on a uint8 batch, a test-time augmentation view (tta.py) named `name[:value]`."""
+
+    name: str
+    setting: Callable[[Augment], Any] | None
+    apply: Callable[[BatchTransform, torch.Tensor, Any], torch.Tensor] | None
+    stage: Literal["stored", "model", "normalized", "labels"]
+    pixels: bool = False
+    unit: bool = False
+    view: Callable[[torch.Tensor, float | None], torch.Tensor] | None = None
+
+
+def _rotate_view(x: torch.Tensor, degrees: float | None) -> torch.Tensor:
+    """A uint8 batch rotated by `degrees` (the training rotation at one angle), rounded back to uint8."""
+    angles = torch.full((x.shape[0],), math.radians(degrees or 0.0), dtype=torch.float64)  # cos, sin in fp64
+    return rotate(x.float(), angles).round_().clamp_(0, 255).to(torch.uint8)
+
+
+# In pipeline order (the order each op draws from the generator: changing it changes every augmented stream).
+AUGMENT_OPS: tuple[AugmentOp, ...] = (
+    AugmentOp("random_resized_crop", lambda a: a.random_resized_crop,
+              lambda t, x, crop: random_resized_crop(x, crop, t.generator), "stored"),
+    AugmentOp("hflip", lambda a: a.hflip if a.hflip > 0 else None,
+              lambda t, x, p: random_hflip(x, p, t.generator), "stored", view=lambda x, _: x.flip(-1)),
+    AugmentOp("vflip", None, None, "stored", view=lambda x, _: x.flip(-2)),  # a TTA view only
+    AugmentOp("rotate", lambda a: a.rotate if a.rotate > 0 else None,
+              lambda t, x, degrees: random_rotate(x, degrees, t.generator), "stored", pixels=True, view=_rotate_view),
+    AugmentOp("policy", lambda a: a.randaugment or a.trivialaugment, lambda t, x, p: t._policy(x, p), "stored",
+              unit=True),
+    AugmentOp("color_jitter", lambda a: a.color_jitter,
+              lambda t, x, jitter: color_jitter(x.contiguous(), jitter, t.generator), "model", unit=True),
+    AugmentOp("random_erasing", lambda a: a.random_erasing, lambda t, x, erase: t._erase(x, erase), "normalized"),
+    AugmentOp("mix", lambda a: (a.mixup, a.cutmix) if a.mixup > 0 or a.cutmix > 0 else None, None, "labels"),
+)
+VIEWS = {op.name: op for op in AUGMENT_OPS if op.view is not None}  # test-time augmentation views
+
+
 class BatchTransform:
     """Callable turning a uint8 batch on the device into the model's float input.
 
@@ -487,7 +551,8 @@ class BatchTransform:
     uint8: one pass over the data instead of four. Rotation (whose zero fill is black, not the mean),
     resizing and colour jitter (which clamps to [0, 1]) run on plain pixel values, normalized last.
     The presets (random resized crop, RandAugment / TrivialAugment, random erasing; MixUp / CutMix through
-    `mix`) are batched too, every draw per image from `generator`.
+    `mix`) are batched too, every draw per image from `generator`. Which ops run, in which order, at which
+    stage, and whether the fast path applies all come from AUGMENT_OPS.
     """
 
     def __init__(self, pre: Preprocess, augment: Augment | None, device: torch.device,
@@ -508,70 +573,63 @@ class BatchTransform:
         self.factors = (float(self.scale.flatten()[0]), float(self.unit_scale.flatten()[0]))  # no sync per batch
         self.perm = torch.tensor(pre.permutation, device=device) if pre.permutation is not None else None
         aug = self.augment
-        self.jitter = aug is not None and aug.color_jitter is not None
-        self.rotate = aug is not None and aug.rotate > 0
-        self.crop = aug.random_resized_crop if aug is not None else None
-        self.policy = (aug.randaugment or aug.trivialaugment) if aug is not None else None
-        self.erase = aug.random_erasing if aug is not None else None
-        self.mixes = aug is not None and (aug.mixup > 0 or aug.cutmix > 0)  # fit calls `mix` with the labels
-        self.unit = self.jitter or self.policy is not None  # colour jitter and the policies work on [0, 1]
+        on = [(op, op.setting(aug)) for op in AUGMENT_OPS if aug is not None and op.setting is not None]
+        on = [(op, value) for op, value in on if value is not None]
+        self.steps = {stage: [(op, v) for op, v in on if op.stage == stage] for stage in ("stored", "model",
+                                                                                        "normalized")}
+        self.mixes = any(op.stage == "labels" for op, _ in on)  # fit calls `mix` with the labels
+        self.unit = any(op.unit for op, _ in on)  # colour jitter and the policies work on [0, 1]
         self.resize = pre.resize is not None and tuple(pre.stored_shape[-2:]) != tuple(pre.resize)
         self.mode = pre.interpolation if pre.interpolation in ("nearest", "bilinear", "bicubic") else "bilinear"
         # antialias only when shrinking (when enlarging it changes nothing but the time)
         self.antialias = self.resize and self.mode != "nearest" and any(
             o < i for o, i in zip(pre.resize, pre.stored_shape[-2:], strict=True))
-        self.normalize_first = not (self.rotate or self.unit or self.resize)
+        # the fast path: every step before the normalization commutes with it (no op needs plain pixels)
+        self.normalize_first = not (any(op.pixels or op.unit for op, _ in on) or self.resize)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        aug = self.augment
         if self.normalize_first:
             x = self._affine(x, unit=False)  # uint8 in, normalized float out
         elif self.unit:
             x = x.float().div_(255)  # colour jitter and the policies work on [0, 1]
         else:
             x = x.float()  # rotation and resizing: 0..255, the 1/255 is in the final scale
-        if self.crop is not None:
-            x = random_resized_crop(x, self.crop, self.generator)
-        if aug is not None and aug.hflip > 0:
-            x = random_hflip(x, aug.hflip, self.generator)
-        if self.rotate:
-            x = random_rotate(x, aug.rotate, self.generator)
-        if self.policy is not None:
-            x = self._policy(x)
+        x = self._steps("stored", x)
         if self.perm is not None:
             n, c, h, w = x.shape
             x = x.reshape(n, c, h * w)[:, :, self.perm].reshape(n, c, h, w)
         if self.normalize_first:
-            return self._erase(x.expand(-1, 3, -1, -1) if self.pre.to_rgb and x.shape[1] == 1 else x)
+            return self._steps("normalized", x.expand(-1, 3, -1, -1) if self.pre.to_rgb and x.shape[1] == 1 else x)
         if self.resize and tuple(x.shape[-2:]) != tuple(self.pre.resize):  # gray still 1 channel: 3x less work
             x = F.interpolate(x, size=tuple(self.pre.resize), mode=self.mode,
                               align_corners=None if self.mode == "nearest" else False, antialias=self.antialias)
         if self.pre.to_rgb and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if self.jitter:
-            x = color_jitter(x.contiguous(), aug.color_jitter, self.generator)
-        return self._erase(self._affine(x, unit=self.unit))
+        x = self._steps("model", x)
+        return self._steps("normalized", self._affine(x, unit=self.unit))
 
-    def _policy(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.policy
+    def _steps(self, stage: str, x: torch.Tensor) -> torch.Tensor:
+        for op, value in self.steps[stage]:
+            x = op.apply(self, x, value)
+        return x
+
+    def _policy(self, x: torch.Tensor, p: RandAugment | TrivialAugment) -> torch.Tensor:
         if isinstance(p, RandAugment):
             return auto_augment(x, self.generator, rounds=p.num_ops, bins=p.num_magnitude_bins,
                                 magnitude=p.magnitude, wide=False)
         return auto_augment(x, self.generator, rounds=1, bins=p.num_magnitude_bins, magnitude=None, wide=True)
 
-    def _erase(self, x: torch.Tensor) -> torch.Tensor:
+    def _erase(self, x: torch.Tensor, erase: RandomErasing) -> torch.Tensor:
         """Random erasing on the normalized input. The rectangle is drawn on the image as stored (before the
         pixel permutation and resizing) and follows it through both, so a permuted run erases the same pixels."""
-        if self.erase is None:
-            return x
         n = x.shape[0]
         h, w = self.pre.stored_shape[-2:]
-        mask = erasing_mask(n, h, w, self.erase, x.device, self.generator)
+        mask = erasing_mask(n, h, w, erase, x.device, self.generator)
         if self.perm is not None:
             mask = mask.reshape(n, 1, h * w)[:, :, self.perm].reshape(n, 1, h, w)
         if tuple(mask.shape[-2:]) != tuple(x.shape[-2:]):
             mask = F.interpolate(mask.to(x.dtype), size=tuple(x.shape[-2:]), mode="nearest").bool()
-        return random_erasing(x, self.erase, self.generator, mask)
+        return random_erasing(x, erase, self.generator, mask)
 
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MixUp / CutMix (augment.mixup / cutmix) on a transformed training batch and its labels: the mixed

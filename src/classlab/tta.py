@@ -4,19 +4,20 @@ device), and the class probabilities averaged over the views.
 
 A view acts on the image as stored (uint8, before the pixel permutation and resizing), where the training
 augmentation acts too, so a permuted run's views are the permuted versions of the flipped / rotated images.
-`eval.tta` lists the views besides the plain image: `hflip`, `vflip`, `rotate:K` (two views, +K and -K).
+`eval.tta` lists the views besides the plain image: `hflip`, `vflip`, `rotate:K` (two views, +K and -K); each is
+the deterministic view of an op of the augmentation table (transforms.AUGMENT_OPS), so a rotated view is the
+training rotation at one angle.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from classlab.evaluate import predict_logits
+from classlab.transforms import VIEWS
 
 
 def view_names(tta: list[str] | tuple[str, ...]) -> list[str]:
@@ -32,26 +33,21 @@ def view_names(tta: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def rotate_uint8(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate a uint8 N×C×H×W batch by `degrees` about the centre (bilinear, zeros outside, as the training
-    augmentation's rotation), rounded back to uint8."""
-    a = math.radians(degrees)
-    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], device=x.device)
-    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    """Rotate a uint8 N×C×H×W batch by `degrees` about the centre (the training rotation at one angle:
+    bilinear, zeros outside), rounded back to uint8."""
+    return VIEWS["rotate"].view(x, degrees)
 
 
 def view_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A view's function on a uint8 batch: the identity, or an augmentation op's deterministic view
+    (transforms.AUGMENT_OPS) with its value after the colon (`rotate:10`)."""
     if name == "identity":
         return lambda x: x
-    if name == "hflip":
-        return lambda x: x.flip(-1)
-    if name == "vflip":
-        return lambda x: x.flip(-2)
-    if name.startswith("rotate:"):
-        degrees = float(name.split(":", 1)[1])
-        return lambda x: rotate_uint8(x, degrees)
-    raise ValueError(f"unknown test-time augmentation view '{name}'")
+    op, _, value = name.partition(":")
+    if op not in VIEWS:
+        raise ValueError(f"unknown test-time augmentation view '{name}'")
+    view, amount = VIEWS[op].view, float(value) if value else None
+    return lambda x: view(x, amount)
 
 
 class ViewTransform:

@@ -1,4 +1,5 @@
-"""Model tables (layer, output shape, parameters, trainable / frozen, LR group) via torchinfo."""
+"""Model tables (layer, output shape, parameters, trainable / frozen, LR group) via torchinfo; the run folder
+keeps them (model_summary.json), so the report shows them without building the model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torchinfo
 from torch import nn
 
 from classlab.models.freeze import parameter_assignment
+from classlab.tables import with_child_totals
 
 
 def _dotted_name(layer) -> str:
@@ -54,21 +56,6 @@ def model_table(model: nn.Module, input_shape: tuple[int, int, int],
             "lr": lr,
         })
     return str(stats), rows
-
-
-def with_child_totals(rows: list[dict]) -> list[dict]:
-    """Rows as tables show them: a layer that holds others (a block, a Sequential) counts the parameters
-    of everything inside it, its own included, instead of the 0 it holds itself. `rows` are model_table's
-    (depth-first, each with its own parameters only); a copy is returned."""
-    out = [dict(r) for r in rows]
-    for i, row in enumerate(rows):
-        end = i + 1
-        while end < len(rows) and rows[end].get("depth", 0) > row.get("depth", 0):
-            end += 1
-        if end > i + 1:
-            for key in ("params", "trainable"):
-                out[i][key] = int(sum(r.get(key, 0) for r in rows[i:end]))
-    return out
 
 
 def parameter_count(model: nn.Module) -> dict[str, int]:

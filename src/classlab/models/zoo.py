@@ -5,7 +5,8 @@ pretrained weights and the preprocessing those weights were trained with.
 torchvision's URLs, from their caches, downloaded when online unless CLASSLAB_OFFLINE is set), a local
 .pth / .safetensors file (in the library's own layout), or a classlab run folder (the weights its test
 results came from). The head is always new: a Linear to the class count, after `head:` layers if given.
-Nothing here re-implements an architecture.
+Nothing here re-implements an architecture. `resnet18` is torchvision/resnet18 whose family record
+(classlab.registry) gives it a first convolution on the images' own channels.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from classlab.errors import ClasslabError, one_line
 from classlab.models.cnn import CNN
 from classlab.models.freeze import freeze_all_but
 from classlab.models.weights import hub_checkpoint_dirs, load_state_dict_from, offline
-from classlab.registry import suggest
+from classlab.registry import model_family, suggest
 
 
 @dataclass(frozen=True)
@@ -388,6 +389,14 @@ def _resample_for(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
         return state
 
 
+def _adapt_stem(model: nn.Module, channels: int) -> None:
+    """The first convolution rebuilt for `channels` input channels (its record's gray_stem: resnet18 on gray
+    images); pretrained 3-channel filters are adapted when loaded (load_backbone)."""
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    model.set_submodule(name, nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode))
+
+
 def build_zoo(cfg: ZooConfig, num_classes: int, in_shape: tuple[int, ...]) -> nn.Module:
     check_arch(cfg)
     channels = int(in_shape[0])
@@ -406,10 +415,13 @@ def build_zoo(cfg: ZooConfig, num_classes: int, in_shape: tuple[int, ...]) -> nn
     else:
         import torchvision
 
-        if channels != 3:
+        gray_stem = model_family(cfg.name).gray_stem
+        if channels != 3 and not gray_stem:
             raise ClasslabError(f"model: {cfg.name} takes 3-channel input, got {channels} (set data.to_rgb)")
         model = torchvision.models.get_model(cfg.arch, weights=None)
         model.classlab_family = "torchvision"  # models.freeze splits its stage Sequential into groups
+        if channels != 3:
+            _adapt_stem(model, channels)
     classifier = _classifier(model, cfg.family)
     if cfg.pretrained != "none":
         state, origin = pretrained_state(cfg)

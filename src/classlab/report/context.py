@@ -20,6 +20,8 @@ from classlab.evidence import Stat, VariantRow, against_reference, compare_runs,
 from classlab.report import plots
 from classlab.report.load import FailedRun, LrSweep, RunData, load_study_runs
 from classlab.report.sanity import is_permuted, originals, sanity_notes
+from classlab.runs import RunFolder
+from classlab.tables import with_child_totals
 
 TOP_CONFUSED = 5
 CHECKS = ("test accuracy near chance", "validation accuracy far above training accuracy",
@@ -318,8 +320,6 @@ def confused_pairs(matrix: list[list[int]], classes: list[str], top: int = TOP_C
 
 
 def model_table(run: RunData) -> dict[str, Any] | None:
-    from classlab.models.summary import with_child_totals  # torchinfo and the model zoo: only when needed
-
     params = run.summary.get("parameters") or {}
     if run.model_rows is None and run.model_text is None:
         return None
@@ -464,25 +464,26 @@ def tta_view(run: RunData) -> dict[str, Any] | None:
 
 
 def cam_view(run: RunData, key: str) -> tuple[dict[str, Any] | None, plots.Plot | None]:
-    """Grad-CAM maps of the predicted class on the worst mistakes, from the run's own checkpoint (on the CPU);
-    {"reason": ...} when there are none (no mistakes stored, no convolution, no loadable checkpoint)."""
+    """Grad-CAM maps of the predicted class on the worst mistakes, as the run stored them when it finished
+    (gradcam.npz; the report runs no model); {"reason": ...} when there are none (no convolution, a run
+    trained before the maps were stored)."""
     pred = run.predictions
     if not pred or "worst_images" not in pred or len(pred["worst_images"]) == 0:
         return None, None
-    from classlab.cam import run_cams, spatial_autocorrelation
-
+    stored = RunFolder(run.path).read_gradcam()
+    if stored is None or stored["maps"] is None or len(stored["maps"]) != len(pred["worst_images"]):
+        reason = stored["reason"] if stored is not None and stored["maps"] is None else (
+            "not stored with this run (trained by an older classlab, or its maps do not match its mistakes); "
+            "retrain it to get them, or see one image's with classlab predict --cam")
+        return {"figure": None, "layer": None, "autocorrelation": None, "smoothness": "—",
+                "reason": reason or "not stored with this run"}, None
+    maps, layer, autocorrelation = stored["maps"], stored["layer"], stored["autocorrelation"]
     index = pred["worst_index"]
     guess = [int(p) for p in pred["y_pred"][index]]
-    try:
-        maps, layer = run_cams(run.path, pred["worst_images"], guess)
-    except Exception as e:  # an optional figure: the section says why it is missing, the report goes on
-        return {"figure": None, "layer": None, "autocorrelation": None, "smoothness": "—",
-                "reason": " ".join(str(e).split())[:200] or type(e).__name__}, None
     classes = run.classes
     figure = plots.cam_grid(pred["worst_images"], maps, [classes[int(t)] for t in pred["y_true"][index]],
                             [classes[g] for g in guess], [float(pred["probs"][i, g]) for i, g in
                                                           zip(index, guess, strict=True)], key, run.name, layer)
-    autocorrelation = spatial_autocorrelation(maps)
     return {"figure": figure, "layer": layer, "reason": None, "autocorrelation": autocorrelation,
             "smoothness": f"{autocorrelation:.2f}" if autocorrelation is not None else "—"}, figure
 

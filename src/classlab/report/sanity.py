@@ -15,6 +15,8 @@ from classlab.evidence import VariantRow, variant_of
 from classlab.report.load import RunData
 
 VAL_ABOVE_TRAIN = 0.10  # accuracy points (as a fraction) at the last epoch
+NOISE_AUTOCORRELATION = 0.3  # below this, a map's neighbouring pixels are nearly independent: it looks like noise
+SMOOTH_AUTOCORRELATION = 0.6  # at or above this, a map is smooth (an ordinary CNN's at 28×28: about 0.9)
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,8 @@ def no_test_images(runs: list[RunData]) -> list[Note]:
 def permuted_cam_noise(runs: list[RunData], cam_autocorrelation: dict[str, float]) -> list[Note]:
     """A pixel-permuted variant whose Grad-CAM maps (brought back through the permutation onto the image)
     look like noise next to its original's: neighbouring map pixels nearly uncorrelated in the permuted run
-    (below cam.NOISE_AUTOCORRELATION) while the original's maps are smooth (cam.SMOOTH_AUTOCORRELATION)."""
-    from classlab.cam import NOISE_AUTOCORRELATION, SMOOTH_AUTOCORRELATION
+    (below NOISE_AUTOCORRELATION) while the original's maps are smooth (SMOOTH_AUTOCORRELATION). The
+    correlations are the ones each run stored with its maps (cam.spatial_autocorrelation)."""
 
     def mean(variant: str) -> float | None:
         values = [cam_autocorrelation[r.name] for r in runs
