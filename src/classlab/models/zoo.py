@@ -389,14 +389,6 @@ def _resample_for(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
         return state
 
 
-def _adapt_stem(model: nn.Module, channels: int) -> None:
-    """The first convolution rebuilt for `channels` input channels (its record's gray_stem: resnet18 on gray
-    images); pretrained 3-channel filters are adapted when loaded (load_backbone)."""
-    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
-    model.set_submodule(name, nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                                        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode))
-
-
 def build_zoo(cfg: ZooConfig, num_classes: int, in_shape: tuple[int, ...]) -> nn.Module:
     check_arch(cfg)
     channels = int(in_shape[0])
