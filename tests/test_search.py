@@ -221,6 +221,11 @@ def test_a_search_resumed_after_ctrl_c_continues_its_trial_count(tmp_path: Path,
 # ----------------------------------------------------------------------------- Ray
 
 
+def _patient_ray(monkeypatch) -> None:
+    """A busy CI machine starts Ray's agents slowly: give the raylet longer than its default to wait for them."""
+    monkeypatch.setenv("RAY_agent_register_timeout_ms", "300000")
+
+
 def _demo_grid(tmp_path: Path) -> Path:
     import yaml
 
@@ -243,6 +248,7 @@ def test_a_local_ray_instance_runs_the_demo_grid_as_tasks(tmp_path: Path, monkey
 
     path = _demo_grid(tmp_path)
     monkeypatch.chdir(tmp_path)
+    _patient_ray(monkeypatch)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         code = run_on_ray(path, [], "local", None, "cpu", False, Console(width=200))
@@ -264,6 +270,7 @@ def test_a_two_node_ray_cluster_runs_the_demo_grid(tmp_path: Path, monkeypatch) 
 
     path = _demo_grid(tmp_path)
     monkeypatch.chdir(tmp_path)
+    _patient_ray(monkeypatch)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     try:

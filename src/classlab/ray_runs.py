@@ -37,9 +37,10 @@ def connect(address: str) -> None:
     try:
         ray.init(address=None if address == "local" else address, log_to_driver=False,
                  include_dashboard=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClasslabError(f"--ray {address}: cannot connect ({str(e).splitlines()[0]}); start the cluster with "
-                            "`ray start --head`, or pass --ray alone for a local one") from None
+    except Exception as e:  # ConnectionError, RuntimeError, ValueError, and Ray's bare Exception on a start timeout
+        raise ClasslabError(f"--ray {address}: cannot connect or start ({str(e).splitlines()[0]}); start the cluster "
+                            "with `ray start --head`, or pass --ray alone for a local one (on a busy machine, "
+                            "RAY_agent_register_timeout_ms=300000 gives Ray's agents longer to start)") from None
 
 
 def check_shared(folder: Path) -> None:
