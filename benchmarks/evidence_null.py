@@ -29,9 +29,9 @@ import torch
 from classlab import evidence
 from classlab.config import RunConfig, validate
 from classlab.data import ImageData, Split, load_dataset
-from classlab.evaluate import predict_logits
 from classlab.models import build_model
 from classlab.train.fit import fit
+from classlab.train.forward import predict_logits
 from classlab.transforms import BatchTransform, preprocess_for
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fashion-mnist"

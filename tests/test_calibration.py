@@ -15,7 +15,7 @@ from sklearn.metrics import balanced_accuracy_score
 from classlab.calibration import fit_temperature
 from classlab.config import RunConfig, validate
 from classlab.errors import ClasslabError
-from classlab.evaluate import classification_report, expected_calibration_error, reliability_bins
+from classlab.metrics import classification_report, expected_calibration_error, reliability_bins
 from tests.conftest import make_idx_folder, tiny_study, write_study
 
 
@@ -115,8 +115,8 @@ def test_study_with_temperature_scaling_and_tta(tmp_path, run_cli):
     run = load_run(folder.path, "cpu")
     assert run.temperature == pytest.approx(cal["temperature"]) and run.tta == ("hflip", "rotate:10")
     from classlab.data import load_dataset
-    from classlab.evaluate import predict_logits
     from classlab.inference import transform
+    from classlab.train.forward import predict_logits
     from classlab.tta import tta_probs
 
     test = load_dataset(run.config.data).test

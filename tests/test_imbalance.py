@@ -103,7 +103,7 @@ def test_validation_macro_f1_and_balanced_accuracy_match_sklearn(idx_folder):
     data = load_dataset(cfg.data)
     model, pre = _model(cfg, data)
     (result,) = fit([model], data, [cfg], pre, CPU)
-    from classlab.evaluate import predict_logits
+    from classlab.train.forward import predict_logits
 
     pred = predict_logits(model, data.val.images, BatchTransform(pre, None, CPU), 256, CPU).argmax(1).numpy()
     y = data.val.labels.numpy()

@@ -119,6 +119,18 @@ def test_metrics_per_epoch_and_summary_equal_the_run_folder(tracked):
         assert "test.macro.f1" in run.data.metrics and "test.per_class.f1" not in run.data.metrics
 
 
+def test_every_validation_metric_reaches_mlflow(tracked):
+    """Each key of an epoch row is logged, the registry's validation macro F1 and balanced accuracy included."""
+    client = tracked["client"]
+    finished = [r for r in _children(tracked["runs"]) if r.info.status == "FINISHED"]
+    assert finished
+    for run in finished:
+        rows = RunFolder(tracked["folder"] / run.info.run_name).read_metrics()
+        for key in ("val_macro_f1", "val_balanced_accuracy", "images_per_s", "train_seconds"):
+            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            assert [(m.step, m.value) for m in history] == [(r.epoch, pytest.approx(r.get(key))) for r in rows]
+
+
 def test_artifacts_confusion_matrix_run_files_model_and_report(tracked):
     client = tracked["client"]
     finished = [r for r in _children(tracked["runs"]) if r.info.status == "FINISHED"]

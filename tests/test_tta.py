@@ -1,5 +1,5 @@
 """Test-time augmentation: the view syntax, the views themselves (on the stored image, before the pixel
-permutation), and the averaged probabilities through evaluate.predict_logits."""
+permutation), and the averaged probabilities through train.forward.predict_logits."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ minimising the negative log-likelihood on the validation split. T changes no pre
 the argmax of z), only how confident the probabilities are: T > 1 softens an over-confident model.
 
 Fitted with LBFGS in float64 on log T (so T stays positive), from T = 1; the logits are the fp32 ones of
-`evaluate.predict_logits`.
+`train.forward.predict_logits`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from classlab.evaluate import expected_calibration_error
+from classlab.metrics import expected_calibration_error
 
 MAX_ITER = 200
 

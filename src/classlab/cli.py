@@ -18,6 +18,7 @@ from classlab import __version__
 from classlab.errors import ClasslabError, one_line
 
 if TYPE_CHECKING:
+    from classlab.results import RunSummary
     from classlab.study import StudyResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -43,30 +44,33 @@ def demo_study() -> Path:
     return Path(str(resources.files("classlab") / "demo" / "demo.yaml"))
 
 
-def print_comparison(summaries: list[dict], title: str, folder: Path | None = None,
+def print_comparison(summaries: list[RunSummary], title: str, folder: Path | None = None,
                      reference: str | None = None) -> None:
     """The comparison table; given the study folder, also each variant's accuracy difference against the
     reference (`reference`, else the first variant) with its 95% interval and the paired test's verdict."""
+    from classlab import metrics
     from classlab.evidence import against_reference, compare_runs
     from classlab.report.context import seconds_digits
+    from classlab.results import summary_from
 
     rows = compare_runs(summaries)
     tests: list[dict] = []
     if folder is not None:
         from classlab.report.context import folder_tests
 
-        tests = folder_tests(folder, {s["name"] for s in summaries}, reference)
+        tests = folder_tests(folder, {s.name for s in map(summary_from, summaries)}, reference)
     table = Table(title=title)
     width = max((len(r.variant) for r in rows), default=3)
     table.add_column("run", no_wrap=True, min_width=width)  # names must stay whole, even on 80 columns
-    for col in ("seeds", "acc %", "loss", "macro F1", "params", "epochs", "sec"):
+    for col in ("seeds", *(metrics.get(name).label for name in metrics.TABLE), "params", "epochs", "sec"):
         table.add_column(col, justify="right")
     if tests:
         table.add_column(f"Δ acc vs {tests[0]['b']} [95% CI]", justify="right", no_wrap=True)
         table.add_column("verdict", no_wrap=True)
     for r in rows:
-        cells = [r.variant, str(r.accuracy.n), r.accuracy.format(100), r.loss.format(1, 4), r.macro_f1.format(1, 4),
-                 f"{r.parameters:,}", r.epochs.format(1, 1), r.seconds.format(1, seconds_digits(r.seconds.mean))]
+        shown = [metrics.get(name).format_stat(getattr(r, name)) for name in metrics.TABLE]  # as the report shows them
+        cells = [r.variant, str(r.accuracy.n), *shown, f"{r.parameters:,}", r.epochs.format(1, 1),
+                 r.seconds.format(1, seconds_digits(r.seconds.mean))]
         table.add_row(*cells, *(against_reference(r.variant, tests) if tests else ()))
     needed = Measurement.get(console, console.options.update_width(400), table).maximum
     out = console if needed <= console.width else Console(file=console.file, width=needed,
@@ -173,10 +177,8 @@ def _report_when_ready(result: StudyResult) -> None:
     if result.busy:
         console.print(f"{len(result.busy)} run(s) were being trained by other processes ({', '.join(result.busy)}); "
                       f"when they are done: classlab report {result.folder}", markup=False, highlight=False)
-    if result.report is not None:  # written already, to log it to MLflow
+    if result.report is not None:  # made by the study, once (study.study_report)
         console.print(f"report: {result.report[0]}")
-        return
-    _make_report(result.folder, reference=result.selected)
 
 
 def _make_report(folder: Path, reference: str | None = None) -> None:

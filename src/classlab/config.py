@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from classlab import metrics
 from classlab.errors import ClasslabError, one_line
 from classlab.registry import ACTIVATIONS as ACTIVATION_REGISTRY
 from classlab.registry import DATASETS as DATASET_REGISTRY
@@ -516,6 +517,7 @@ ModelConfig = Annotated[
     Discriminator(_model_tag),
 ]
 MODEL_NAMES = MODEL_REGISTRY.names()
+VALIDATION_METRICS = metrics.VALIDATION  # early stopping and select.by: the registry's validation metrics
 
 
 # ----------------------------------------------------------------------------- training
@@ -541,11 +543,16 @@ class Scheduler(Strict):
 class EarlyStopping(Strict):
     patience: int = Field(
         3, gt=0, description="stop after this many epochs without improvement; the best epoch's weights are kept")
-    monitor: Literal["val_loss", "val_accuracy", "val_macro_f1", "val_balanced_accuracy"] = Field(
-        "val_loss", description="the validation metric watched: val_loss (lower is better), val_accuracy, "
-        "val_macro_f1 or val_balanced_accuracy")
+    monitor: Literal[VALIDATION_METRICS] = Field(  # type: ignore[valid-type]
+        "loss", description="the validation metric watched (classlab.metrics): loss (lower is better), accuracy, "
+        "balanced_accuracy, macro_f1; val_<name> is read as the older spelling")
     min_delta: float = Field(
         0.0, ge=0, description="an epoch counts as an improvement only when it beats the best by more than this")
+
+    @field_validator("monitor", mode="before")
+    @classmethod
+    def _metric_name(cls, value: Any) -> Any:
+        return metrics.canonical(value, "train.early_stopping.monitor") if isinstance(value, str) else value
 
 
 class TrainConfig(Strict):
@@ -704,20 +711,26 @@ class Select(Strict):
     variant whose lower 95% confidence bound is best), or pin one by name (to retrain what a paper chose;
     the metric's pick is still printed beside it). `metric:` is accepted as the older name of `by:`."""
 
-    by: Literal["val_accuracy", "val_loss", "macro_f1", "balanced_accuracy"] = Field(
-        "val_accuracy", validation_alias=AliasChoices("by", "metric"),
-        description="the validation metric that picks the variant (metric: is accepted as the older name)")
+    by: Literal[VALIDATION_METRICS] = Field(  # type: ignore[valid-type]
+        "accuracy", validation_alias=AliasChoices("by", "metric"),
+        description="the validation metric that picks the variant (classlab.metrics: accuracy, loss, "
+        "balanced_accuracy, macro_f1; val_<name> and metric: are read as older spellings)")
     rule: Literal["mean", "lower_bound"] = Field(
         "mean", description="mean over seeds, or lower_bound: the best lower 95% confidence bound")
     variant: str | None = Field(
         None, description="pin this variant by name instead (the metric's pick is still printed)")
-    confirm_top: int = Field(
-        3, ge=0, description="after a search: retrain the best N trials' settings with fresh seeds and compare them "
-        "with the paired tests before selecting (0 = select the best trial as scored by the search)")
     confirm_seeds: int | list[int] | Literal["auto"] | None = Field(
         "auto", description="train the selected variant again with fresh seeds (disjoint from seeds), the "
         "comparisons' test reference, so the selection's lucky seeds are not: auto = as many as seeds, numbered "
         "after the largest, when there are >= 2 seeds; a count; a list of seeds; 0 or none = off")
+    confirm_top: int = Field(
+        3, ge=0, description="after a search: retrain the best N trials' settings with fresh seeds and compare them "
+        "with the paired tests before selecting (0 = select the best trial as scored by the search)")
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _metric_name(cls, value: Any) -> Any:
+        return metrics.canonical(value, "select.by") if isinstance(value, str) else value
 
 
 class Evidence(Strict):

@@ -1,4 +1,5 @@
-"""Classification metrics from tensors, all derived from one confusion matrix (checked against sklearn)."""
+"""The test pipeline of a trained run (plain, temperature-scaled, test-time augmented) and the summary.json
+it ends in; the metrics themselves are classlab.metrics', the forward pass train/forward.py's."""
 
 from __future__ import annotations
 
@@ -7,118 +8,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from classlab.calibration import fit_temperature
 from classlab.config import RunConfig, TrainConfig
 from classlab.errors import ClasslabError
-from classlab.train.speed import channels_last_input, is_channels_last
+from classlab.metrics import (
+    ECE_BINS,
+    METRICS,
+    VALIDATION,
+    class_counts,
+    classification_report,
+    expected_calibration_error,
+    reliability_bins,
+)
+from classlab.results import RunSummary, row_from
+from classlab.train.forward import predict_logits
+from classlab.train.optim import loss_fn
 from classlab.transforms import BatchTransform
+from classlab.tta import tta_probs
 
-
-def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """cm[i, j] = number of samples of true class i predicted as j."""
-    index = y_true.long() * num_classes + y_pred.long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(b > 0, a / b.clamp_min(1e-12), torch.zeros_like(a))
-
-
-def metrics_from_confusion(cm: torch.Tensor) -> dict:
-    """Accuracy, per-class precision / recall / F1 / support, and macro and weighted averages.
-    A class never predicted (or absent) gets 0 for the undefined ratio, as sklearn's zero_division=0."""
-    cm = cm.double()
-    tp = cm.diag()
-    support = cm.sum(1)
-    predicted = cm.sum(0)
-    precision = _safe_div(tp, predicted)
-    recall = _safe_div(tp, support)
-    f1 = _safe_div(2 * precision * recall, precision + recall)
-    total = support.sum()
-    weights = support / total if total > 0 else torch.zeros_like(support)
-
-    def avg(kind: str) -> dict:
-        w = weights if kind == "weighted" else torch.full_like(support, 1 / len(support))
-        return {"precision": float((precision * w).sum()), "recall": float((recall * w).sum()),
-                "f1": float((f1 * w).sum()), "support": int(total)}
-
-    present = support > 0
-    return {
-        "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
-        # the mean recall over the classes present (sklearn's balanced_accuracy_score)
-        "balanced_accuracy": float(recall[present].mean()) if bool(present.any()) else 0.0,
-        "per_class": {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
-                      "support": [int(s) for s in support.tolist()]},
-        "macro": avg("macro"),
-        "weighted": avg("weighted"),
-    }
-
-
-def classification_report(y_true: torch.Tensor, logits: torch.Tensor, num_classes: int) -> dict:
-    """Everything summary.json records about a split's predictions (loss is computed by the caller)."""
-    y_pred = logits.argmax(1)
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    out = metrics_from_confusion(cm)
-    out["confusion_matrix"] = cm.tolist()
-    return out
-
-
-ECE_BINS = 15
-
-
-def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict:
-    """Top-label reliability: the confidence (highest probability) of each prediction falls in one of `bins`
-    equal-width bins ((0, 1/bins], ..., ((bins-1)/bins, 1]); per bin the count, the mean confidence and the
-    accuracy (None for an empty bin)."""
-    probs = probs.detach().double()
-    confidence, pred = probs.max(1)
-    correct = (pred == labels.to(pred.device)).double()
-    index = (confidence * bins).ceil().long().clamp(1, bins) - 1
-    count = torch.bincount(index, minlength=bins).double()
-    conf_sum = torch.zeros(bins, dtype=torch.float64, device=probs.device).index_add_(0, index, confidence)
-    acc_sum = torch.zeros(bins, dtype=torch.float64, device=probs.device).index_add_(0, index, correct)
-    def mean(total: torch.Tensor) -> list[float | None]:
-        return [float(t / c) if c > 0 else None for t, c in zip(total.tolist(), count.tolist(), strict=True)]
-
-    return {"bins": bins, "count": [int(c) for c in count.tolist()], "confidence": mean(conf_sum),
-            "accuracy": mean(acc_sum)}
-
-
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
-    """ECE (Guo et al. 2017): sum over the equal-width confidence bins of |accuracy - mean confidence|, weighted
-    by the bin's share of the predictions; top-label, `bins` = 15."""
-    return ece_of(reliability_bins(probs, labels, bins))
-
-
-def ece_of(reliability: dict) -> float:
-    """The ECE of a `reliability_bins` result."""
-    total = sum(reliability["count"])
-    if total == 0:
-        return 0.0
-    return float(sum(n * abs(a - c) for n, a, c in zip(reliability["count"], reliability["accuracy"],
-                                                      reliability["confidence"], strict=True) if n) / total)
-
-
-def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
-    return [int(c) for c in torch.bincount(labels.long().cpu(), minlength=num_classes).tolist()]
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int,
-                   device: torch.device) -> torch.Tensor:
-    """Logits for a whole uint8 set, in large batches, with the model in eval mode: the one forward pass
-    behind validation, test metrics, predict and compare. Always fp32, also after mixed-precision training,
-    so the test loss and the stored probabilities carry no bf16 / fp16 rounding."""
-    was_training = model.training
-    model.eval()
-    channels_last = is_channels_last(model)
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = channels_last_input(transform(images[i : i + batch_size].to(device, non_blocking=True)), channels_last)
-        out.append(model(x).float())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
-
-
+CONFUSION_METRICS = tuple(m.name for m in METRICS.values() if m.of_confusion is not None)
 WORST_MISTAKES = 16
 
 
@@ -156,8 +64,6 @@ def evaluate_test(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 def _split_metrics(logits: torch.Tensor, labels: torch.Tensor, tc: TrainConfig, num_classes: int,
                    temperature: float = 1.0) -> tuple[dict, torch.Tensor]:
     """summary.json's metrics of one split's logits (divided by `temperature`), and the probabilities."""
-    from classlab.train.optim import loss_fn
-
     scaled = logits / temperature if temperature != 1.0 else logits
     loss = float(loss_fn(scaled, labels, tc, reduction="sum")) / max(len(labels), 1)
     probs = scaled.softmax(1)
@@ -171,9 +77,6 @@ def evaluate_run(model: nn.Module, data, pre, cfg: RunConfig, device: torch.devi
     `eval.temperature_scaling`) one temperature fitted on the validation logits and applied to the test
     metrics and probabilities, ECE before and after; and (with `eval.tta`) the test metrics of the
     probabilities averaged over the augmented views, beside (never instead of) the plain ones."""
-    from classlab.calibration import fit_temperature
-    from classlab.tta import tta_probs
-
     tc, ec, k = cfg.train, cfg.eval, len(data.classes)
     transform = BatchTransform(pre, None, device)
     labels = data.test.labels.to(device)
@@ -199,30 +102,30 @@ def evaluate_run(model: nn.Module, data, pre, cfg: RunConfig, device: torch.devi
         views_probs, views = tta_probs(model, data.test.images, transform, tc.eval_batch_size, device, ec.tta, t)
         report = classification_report(labels, views_probs.log(), k)
         nll = float(torch.nn.functional.nll_loss(views_probs.clamp_min(1e-12).log(), labels, reduction="mean"))
-        tta = {"views": views, "accuracy": report["accuracy"], "balanced_accuracy": report["balanced_accuracy"],
-               "macro_f1": report["macro"]["f1"], "nll": nll, "ece": expected_calibration_error(views_probs, labels),
-               "confusion_matrix": report["confusion_matrix"], "temperature": t if record else None,
-               "plain_accuracy": metrics["accuracy"]}
+        tta = {"views": views, **{name: report[name] for name in CONFUSION_METRICS}, "nll": nll,
+               "ece": expected_calibration_error(views_probs, labels), "confusion_matrix": report["confusion_matrix"],
+               "temperature": t if record else None, "plain_accuracy": metrics["accuracy"]}
     return TestEvaluation(metrics, probs.cpu(), worst_mistakes(probs, labels).cpu(), calibration, record, tta)
 
 
 def _val_at(history: list[dict], epoch: int) -> dict | None:
-    for row in history:
-        if row["epoch"] == epoch and row.get("val_loss") is not None:
-            extra = {key.removeprefix("val_"): row[key] for key in ("val_macro_f1", "val_balanced_accuracy")
-                     if row.get(key) is not None}
-            return {"loss": row["val_loss"], "accuracy": row["val_accuracy"], **extra, "epoch": epoch}
+    """The validation metrics of `epoch` (every registry metric the row has), or None without validation."""
+    for row in map(row_from, history):
+        if row.epoch == epoch and row.val("loss") is not None:
+            values = {name: row.val(name) for name in VALIDATION}
+            return {**{k: v for k, v in values.items() if v is not None}, "epoch": epoch}
     return None
 
 
-def run_summary(cfg: RunConfig, data, result, test: TestEvaluation, parameters: dict, device: torch.device) -> dict:
+def run_summary(cfg: RunConfig, data, result, test: TestEvaluation, parameters: dict, device: torch.device
+                ) -> RunSummary:
     """summary.json: the test metrics, which epoch's weights they use, and how the run trained.
 
     `best_epoch` is the best validation epoch; `kept_epoch` (and `weights`: best or last) the epoch whose
     weights the test numbers use: the best with early stopping, else the last (docs/decisions.md #2)."""
     history = result.history
     epoch_seconds = [r["seconds"] for r in history]
-    return {
+    return RunSummary.model_validate({
         "name": cfg.name,
         "seed": cfg.seed,
         "classes": list(data.classes),
@@ -247,4 +150,4 @@ def run_summary(cfg: RunConfig, data, result, test: TestEvaluation, parameters: 
                                   if split is not None}},
         **({"calibration": test.calibration} if test.calibration is not None else {}),
         **({"test_tta": test.tta} if test.tta is not None else {}),
-    }
+    })

@@ -3,7 +3,7 @@
 One path for every command that applies a trained run to images (predict, compare, export): the model is
 rebuilt from config.yaml and given the weights the run's test numbers were computed with
 (RunFolder.read_result_weights, loaded with weights_only=True); images (uint8 N×C×H×W, as a dataset
-stores them) go through the run's own BatchTransform and `evaluate.predict_logits`, the forward pass its
+stores them) go through the run's own BatchTransform and `train.forward.predict_logits`, the forward pass its
 test evaluation used, so a run scores an image here exactly as it scored its test set.
 """
 
@@ -19,11 +19,11 @@ from torch import nn
 
 from classlab.config import RunConfig, validate
 from classlab.errors import ClasslabError, one_line
-from classlab.evaluate import predict_logits
 from classlab.models import build_model
 from classlab.photo import fallback_stats
 from classlab.runs import RunFolder
 from classlab.train.device import resolve_device
+from classlab.train.forward import predict_logits
 from classlab.transforms import BatchTransform, Preprocess
 
 # Datasets whose images are light objects on black, centred and filling the frame: photos get prepared.

@@ -35,9 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from pydantic import ValidationError
 
 from classlab import RUN_FORMAT_VERSION, __version__
-from classlab.errors import ClasslabError
+from classlab.errors import ClasslabError, one_line
 from classlab.io import (
     atomic_torch_save,
     atomic_write,
@@ -50,6 +51,7 @@ from classlab.io import (
     write_temp,
 )
 from classlab.locks import LOCK_NAME, RunLock, RunLocked, describe_lock, read_lock
+from classlab.results import EpochRow, RunSummary, row_from, summary_from
 
 # The atomic writers and the locks live in classlab.io and classlab.locks; re-exported here for the
 # code (study.py, tests) that still imports them from classlab.runs.
@@ -254,19 +256,21 @@ class RunFolder:
 
     # ------------------------------------------------------------------------- training
 
-    def write_metrics(self, rows: list[dict]) -> None:
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    def write_metrics(self, rows: list[dict] | list[EpochRow]) -> None:
+        docs = [r.to_json() if isinstance(r, EpochRow) else r for r in rows]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in docs))
 
-    def read_metrics(self) -> list[dict]:
+    def read_metrics(self) -> list[EpochRow]:
+        """metrics.jsonl's rows, typed (and brought up to this format: results.migrate_row)."""
         if not self.metrics_path.is_file():
             return []
         rows = []
         for number, line in enumerate(self.metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise ClasslabError(f"{self.metrics_path}: line {number} is not valid JSON") from None
+                    rows.append(row_from(json.loads(line)))
+                except (json.JSONDecodeError, ValidationError, AttributeError):
+                    raise ClasslabError(f"{self.metrics_path}: line {number} is not an epoch row") from None
         return rows
 
     def save_epoch(self, state: dict, is_best: bool) -> None:
@@ -306,7 +310,7 @@ class RunFolder:
         """The checkpoint the run's test numbers were computed with: summary.json's "weights" (best.pt
         for a finished run whose summary predates that key); for an unfinished run best.pt, else last.pt."""
         if self.is_complete:
-            which = self.read_summary().get("weights", "best")
+            which = self.read_summary().weights
             if which not in WEIGHTS:
                 raise ClasslabError(f"{self.summary_path}: 'weights' is {which!r}; expected best or last")
             path = self.best_path if which == "best" else self.last_path
@@ -397,14 +401,19 @@ class RunFolder:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None
 
-    def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.summary_path, {"classlab_version": __version__, "format": RUN_FORMAT_VERSION,
-                                              **summary})
+    def write_summary(self, summary: RunSummary | dict) -> None:
+        doc = summary.to_json() if isinstance(summary, RunSummary) else summary
+        doc = {k: v for k, v in doc.items() if k not in ("classlab_version", "format")}
+        atomic_write_json(self.summary_path, {"classlab_version": __version__, "format": RUN_FORMAT_VERSION, **doc})
 
-    def read_summary(self) -> dict:
+    def read_summary(self) -> RunSummary:
+        """summary.json, typed (and brought up to this format from an older release's: results.migrate_summary)."""
         summary = self._read_json(SUMMARY)
         check_format(summary, self.summary_path)
-        return summary
+        try:  # the first runs' summaries may lack their name: the folder's
+            return summary_from({"name": self.name, **summary} if isinstance(summary, dict) else summary)
+        except ValidationError as e:
+            raise ClasslabError(f"{self.summary_path}: not a classlab summary ({one_line(str(e))[:200]})") from None
 
     # ------------------------------------------------------------------------- JSON files
 

@@ -35,10 +35,11 @@ from classlab.plan import (
     run_config_dict,
     stack_groups,
 )
+from classlab.results import RunSummary
 from classlab.runs import RunFolder
 from classlab.tracking import StudyTracker, open_tracker
 from classlab.train import distributed
-from classlab.train.callbacks import TensorBoardLogger, TimeEstimate
+from classlab.train.callbacks import EarlyStopper, TensorBoardLogger, TimeEstimate
 from classlab.train.device import resolve_device
 from classlab.train.fit import FitResult, fit
 from classlab.train.progress import EpochProgress
@@ -77,7 +78,7 @@ class RunOptions:
 class StudyResult:
     study: StudyConfig
     folder: Path
-    summaries: list[dict]
+    summaries: list[RunSummary]
     failed: list[str]
     selected: str | None = None
     busy: list[str] = field(default_factory=list)  # skipped: another process holds their lock
@@ -209,7 +210,7 @@ def _write_run_files(folder: RunFolder, cfg: RunConfig, data: ImageData, model: 
     folder.write_run_log(lines + [f"skipped file: {s}" for s in data.skipped])
 
 
-def _finish_run(prep: _Prepared, result: FitResult, device: torch.device) -> dict:
+def _finish_run(prep: _Prepared, result: FitResult, device: torch.device) -> RunSummary:
     """Evaluate the trained model on the test set; write predictions and the Grad-CAM maps of its worst
     mistakes (the report only reads them), then summary.json (last)."""
     data, model = prep.data, prep.model
@@ -243,7 +244,7 @@ def _checkpoint_due(tc, epoch: int, state: dict) -> bool:
     """last.pt every `train.checkpoint_every` epochs, and always at the run's last epoch (the final or the
     early-stopped one), which the summary and a later `--restart`-free run rely on."""
     es = tc.early_stopping
-    stopping = es is not None and state["stopper"]["bad_epochs"] >= es.patience
+    stopping = es is not None and EarlyStopper.stops(state["stopper"], es.patience)
     return epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or stopping
 
 
@@ -263,7 +264,7 @@ class _Trainer:
 
     def __init__(self, folder: Path, device: torch.device, console: Console, options: RunOptions) -> None:
         self.folder, self.device, self.console, self.options = folder, device, console, options
-        self.summaries: list[dict] = []
+        self.summaries: list[RunSummary] = []
         self.failed: list[str] = []
         self.busy: list[str] = []
         self.estimate: TimeEstimate | None = None
@@ -310,7 +311,7 @@ class _Trainer:
         held = distributed.decided_by_main(claim)
         return (claimed[0] if claimed else None), held
 
-    def _prepare(self, cfg: RunConfig, folder: RunFolder, restart: bool) -> dict | _Prepared:
+    def _prepare(self, cfg: RunConfig, folder: RunFolder, restart: bool) -> RunSummary | _Prepared:
         """The finished summary when the run is already complete, else a _Prepared. Under torch.distributed
         every rank calls this together: rank 0 alone reads and writes the folder and hands the others
         what they need (skip or resume)."""
@@ -356,7 +357,7 @@ class _Trainer:
                     continue
                 locks.append(lock)
                 prep = self._prepare(cfg, folder, restart_this)
-                if isinstance(prep, dict):
+                if isinstance(prep, RunSummary):
                     self.summaries.append(prep)
                 else:
                     ready.append(prep)
@@ -418,7 +419,7 @@ class _Trainer:
 
 
 def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: Console,
-              restart: bool = False) -> dict:
+              restart: bool = False) -> RunSummary:
     """Train one run into its folder (resuming an interrupted one), as run_study trains each of a study's
     runs, and return its summary; a run whose loss turns non-finite raises RunFailed."""
     trainer = _Trainer(folder.path.parent, device, console, RunOptions(restart=restart))
@@ -430,7 +431,7 @@ def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: 
     return trainer.summaries[0]
 
 
-def _select(study: StudyConfig, summaries: list[dict], console: Console) -> str:
+def _select(study: StudyConfig, summaries: list[RunSummary], console: Console) -> str:
     try:
         scores = evidence.validation_scores(summaries, study.select.by)
     except ValueError as e:
@@ -581,6 +582,6 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     finally:
         distributed.cleanup(joined)
     place = {p.config.name: i for i, p in enumerate(planned)}  # the study's order (the report's), retrains last
-    trainer.summaries.sort(key=lambda s: place.get(s["name"], len(place)))
+    trainer.summaries.sort(key=lambda s: place.get(s.name, len(place)))
     return StudyResult(study, folder, trainer.summaries, trainer.failed, selected, busy=trainer.busy,
                        waiting=waiting, writer=writer, report=report)

@@ -4,7 +4,7 @@ One MLflow run per classlab run, nested under one parent run for the study (MLfl
 tag), in the experiment `track.mlflow.experiment` (default: the study's name). Each run gets the resolved
 RunConfig flattened to dotted params (`train.lr`, `data.permute_pixels.seed`, ...), its per-epoch metrics as
 they are trained (a `fit` callback, step = epoch), then the summary's scalar metrics (`test.accuracy`,
-`test.macro_f1`, `best_val.loss`, ...), the confusion matrix (JSON and CSV) and the run folder's small files
+`test.<metric>`, `best_val.loss`, ...), the confusion matrix (JSON and CSV) and the run folder's small files
 as artifacts, and with `log_model` the exported model (classlab.export: ONNX or TorchScript, with its
 preprocessing.json and classes.txt). Tags: `classlab.seed`, `classlab.variant` (the run without its seed
 suffix: the grid cell) and `classlab.grid.<key>` for each grid axis. The study's report goes to the parent.
@@ -35,15 +35,15 @@ from typing import Any
 from classlab.config import RunConfig, StudyConfig, validate
 from classlab.errors import ClasslabError, one_line
 from classlab.plan import PlannedRun, run_config_dict
+from classlab.results import EpochRow, RunSummary
 from classlab.runs import RunFolder, find_runs
+from classlab.train.callbacks import epoch_scalars
 
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
 STUDY_KEY, STUDY_DIR, STUDY = "classlab.study_key", "classlab.study_dir", "classlab.study"
 RUN_DIR, RUN, SEED, VARIANT = "classlab.run_dir", "classlab.run", "classlab.seed", "classlab.variant"
 GRID = "classlab.grid."
-EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds", "train_seconds",
-              "images_per_s")
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 BATCH = 100  # params per log_batch call (MLflow's limit); metrics go 1000 at a time
 
@@ -87,8 +87,9 @@ def metric_key(key: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", key)
 
 
-def summary_metrics(summary: dict) -> dict[str, float]:
-    """summary.json's finite numbers, flattened: test.accuracy, test.macro_f1, best_val.loss, seconds, ..."""
+def summary_metrics(summary: RunSummary | dict) -> dict[str, float]:
+    """summary.json's finite numbers, flattened: test.accuracy, test.<metric>, best_val.loss, seconds, ..."""
+    summary = summary.to_json() if isinstance(summary, RunSummary) else summary
     skip = {"seed", "format", "classes", "confusion_matrix"}
     out = {}
     for key, value in flatten({k: v for k, v in summary.items() if k not in skip}).items():
@@ -100,11 +101,10 @@ def summary_metrics(summary: dict) -> dict[str, float]:
     return out
 
 
-def epoch_metrics(row: dict) -> dict[str, float]:
-    """One metrics.jsonl row (a `fit` callback's row) as MLflow metrics; lr groups as lr.<group>."""
-    out = {k: float(row[k]) for k in EPOCH_KEYS if isinstance(row.get(k), int | float)}
-    out.update({metric_key(f"lr.{g}"): float(lr) for g, lr in (row.get("lrs") or {}).items()})
-    return {k: v for k, v in out.items() if math.isfinite(v)}
+def epoch_metrics(row: dict | EpochRow) -> dict[str, float]:
+    """One metrics.jsonl row (a `fit` callback's row) as MLflow metrics: every number it has (each validation
+    metric of the registry included), lr groups as lr.<group>."""
+    return {metric_key(k): v for k, v in epoch_scalars(row).items()}
 
 
 def confusion_csv(classes: list[str], matrix: list[list[int]]) -> str:
@@ -248,10 +248,10 @@ class StudyTracker:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i: i + 1000])
 
-    def _log_epochs(self, run_id: str, rows: list[dict], after: int = 0) -> None:
+    def _log_epochs(self, run_id: str, rows: list[EpochRow], after: int = 0) -> None:
         for row in rows:
-            if isinstance(row.get("epoch"), int) and row["epoch"] > after:
-                self._log_metrics(run_id, epoch_metrics(row), row["epoch"])
+            if row.epoch > after:
+                self._log_metrics(run_id, epoch_metrics(row), row.epoch)
 
     def start_runs(self, ready: list) -> EpochLogger:
         """The MLflow runs of runs about to be fitted (study._Prepared: cfg, folder, resume), and the fit callback
@@ -297,10 +297,10 @@ class StudyTracker:
 
     def _finish(self, run_id: str, folder: RunFolder) -> None:
         summary = folder.read_summary()
-        self._log_metrics(run_id, summary_metrics(summary), summary.get("kept_epoch") or 0)
-        self.client.set_tag(run_id, "classlab.weights", str(summary.get("weights", "")))
-        matrix = summary.get("test", {}).get("confusion_matrix")
-        classes = summary.get("classes") or []
+        self._log_metrics(run_id, summary_metrics(summary), summary.kept_epoch or 0)
+        self.client.set_tag(run_id, "classlab.weights", summary.weights)
+        matrix = summary.test.confusion_matrix if summary.test is not None else None
+        classes = summary.classes
         if matrix is not None:
             self.client.log_dict(run_id, {"classes": classes, "true_by_predicted": matrix}, "confusion_matrix.json")
             self.client.log_text(run_id, confusion_csv(classes, matrix), "confusion_matrix.csv")

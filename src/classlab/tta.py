@@ -1,5 +1,5 @@
 """Test-time augmentation: deterministic views of each image (the image itself, its mirror image, rotations
-by ±K degrees), each through the run's evaluation transform and `evaluate.predict_logits` (batched, on the
+by ±K degrees), each through the run's evaluation transform and `train.forward.predict_logits` (batched, on the
 device), and the class probabilities averaged over the views.
 
 A view acts on the image as stored (uint8, before the pixel permutation and resizing), where the training
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from classlab.evaluate import predict_logits
+from classlab.train.forward import predict_logits
 from classlab.transforms import VIEWS
 
 

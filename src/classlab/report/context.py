@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from classlab import __version__, evidence
+from classlab import __version__, evidence, metrics
 from classlab.errors import ClasslabError
 from classlab.evidence import Stat, VariantRow, against_reference, compare_runs, variant_of, within_noise
 from classlab.report import plots
 from classlab.report.load import FailedRun, LrSweep, RunData, load_study_runs
 from classlab.report.sanity import is_permuted, originals, sanity_notes
+from classlab.results import RunSummary, SplitMetrics
 from classlab.runs import RunFolder
 from classlab.tables import with_child_totals
 
@@ -66,8 +67,8 @@ def comparison_rows(rows: list[VariantRow], permuted_of: dict[str, str],
         vs, call = against_reference(row.variant, tests or [])
         out.append({
             "variant": row.variant, "seeds": row.accuracy.n, "runs": ", ".join(row.runs),
-            "accuracy": row.accuracy.format(100), "ci": _accuracy_ci(row.accuracy),
-            "loss": row.loss.format(1, 4), "macro_f1": row.macro_f1.format(1, 4),
+            **{name: metrics.get(name).format_stat(getattr(row, name)) for name in metrics.TABLE},
+            "ci": _accuracy_ci(row.accuracy),
             "parameters": f"{row.parameters:,}", "epochs": row.epochs.format(1, 1),
             "seconds": row.seconds.format(1, seconds_digits(row.seconds.mean)), "within_noise": near,
             "best": row.accuracy.mean == best, "permuted_of": permuted_of.get(row.variant),
@@ -100,7 +101,7 @@ def evidence_inputs(runs: list[RunData]) -> list[evidence.RunPredictions]:
         oof = RunFolder(run.path).read_oof()  # a data.cv fold: its verdicts are on its held-out part
         if oof is not None:
             out.append(evidence.run_predictions(run.name, oof["y_true"], oof["probs"], fold=tuple(oof["fold"]),
-                                                train_size=(run.summary.get("data") or {}).get("train")))
+                                                train_size=(run.summary.data or {}).get("train")))
             continue
         pred = run.predictions or {}
         if "y_true" not in pred or ("y_pred" not in pred and "probs" not in pred):
@@ -198,7 +199,7 @@ def seed_views(runs: list[RunData], study_name: str) -> tuple[plots.Plot | None,
     for index, (variant, group) in enumerate(groups.items(), start=1):
         if len(group) < 2:
             continue
-        mean = np.mean([np.asarray(r.summary["test"]["confusion_matrix"], dtype=float) for r in group], axis=0)
+        mean = np.mean([np.asarray(r.summary.test.confusion_matrix, dtype=float) for r in group], axis=0)
         plot = plots.confusion(mean, group[0].classes, f"00-variant-{index:02d}-{slug(variant)}-confusion",
                                f"{variant} (mean over {len(group)} seeds)", "{:.1f}", "mean counts")
         views.append({"variant": variant, "seeds": len(group), "confusion": plot})
@@ -284,7 +285,7 @@ def run_rows(runs: list[RunData]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         s = run.summary
-        rows.append({"name": run.name, "seed": s.get("seed", ""), "accuracy": pct(s["test"]["accuracy"]),
+        rows.append({"name": run.name, "seed": s.seed if s.seed is not None else "", **test_values(s),
                      "balanced_accuracy": balanced(s) or "—",
                      "epochs": s.epochs_run or len(run.metrics), "best_epoch": s.best_epoch or "",
                      "stopped_early": "yes" if s.stopped_early else "no",
@@ -292,13 +293,18 @@ def run_rows(runs: list[RunData]) -> list[dict[str, Any]]:
     return rows
 
 
-def per_class_rows(test: dict, classes: list[str]) -> dict[str, Any]:
-    pc = test["per_class"]
+def test_values(summary: RunSummary) -> dict[str, str]:
+    """The comparison table's metrics (metrics.TABLE) of a run's test split, formatted by the registry."""
+    return {name: metrics.get(name).format(summary.test_value(name)) for name in metrics.TABLE}
+
+
+def per_class_rows(test: SplitMetrics, classes: list[str]) -> dict[str, Any]:
+    pc = test.per_class
     rows = [{"name": c, "precision": f"{pc['precision'][i]:.3f}", "recall": f"{pc['recall'][i]:.3f}",
              "f1": f"{pc['f1'][i]:.3f}", "support": pc["support"][i]} for i, c in enumerate(classes)]
-    averages = [{"name": f"{kind} avg", "precision": f"{test[kind]['precision']:.3f}",
-                 "recall": f"{test[kind]['recall']:.3f}", "f1": f"{test[kind]['f1']:.3f}",
-                 "support": test[kind]["support"]} for kind in ("macro", "weighted")]
+    averages = [{"name": f"{kind} avg", "precision": f"{avg['precision']:.3f}", "recall": f"{avg['recall']:.3f}",
+                 "f1": f"{avg['f1']:.3f}", "support": int(avg["support"])}
+                for kind, avg in (("macro", test.macro), ("weighted", test.weighted))]
     return {"rows": rows, "averages": averages}
 
 
@@ -320,7 +326,7 @@ def confused_pairs(matrix: list[list[int]], classes: list[str], top: int = TOP_C
 
 
 def model_table(run: RunData) -> dict[str, Any] | None:
-    params = run.summary.get("parameters") or {}
+    params = run.summary.parameters
     if run.model_rows is None and run.model_text is None:
         return None
     rows = [{"layer": r["layer"], "indent": int(r.get("depth", 0)), "type": r.get("type", ""),
@@ -366,21 +372,21 @@ def model_origin(run: RunData) -> list[str]:
 def run_section(index: int, run: RunData, permuted_of: dict[str, str]) -> tuple[dict[str, Any], list[plots.Plot]]:
     s = run.summary
     stem = f"{index:02d}-{slug(run.name)}"
-    figures = [plots.learning_curves(run.metrics, s.get("best_epoch"), bool(s.get("stopped_early")),
+    figures = [plots.learning_curves(run.metrics, s.best_epoch, s.stopped_early,
                                      run.planned_epochs, f"{stem}-curves", run.name)] if run.metrics else []
-    figures.append(plots.confusion(s["test"]["confusion_matrix"], run.classes, f"{stem}-confusion", run.name))
+    figures.append(plots.confusion(s.test.confusion_matrix, run.classes, f"{stem}-confusion", run.name))
     mistakes = _mistakes(run, f"{stem}-mistakes")
     variant = variant_of(run.name)
     section = {
-        "anchor": f"run-{index}", "name": run.name, "seed": s.get("seed", ""),
+        "anchor": f"run-{index}", "name": run.name, "seed": s.seed if s.seed is not None else "",
         "permuted": is_permuted(run), "original": permuted_of.get(variant),
         **test_values(s), "epochs_run": s.epochs_run or len(run.metrics), "planned_epochs": run.planned_epochs,
         "best_epoch": s.best_epoch, "stopped_early": s.stopped_early,
         "seconds": f"{s.seconds:.{seconds_digits(s.seconds)}f}", "device": s.device, "data": s.data or {},
         "classes": run.classes,
         "curves": figures[0] if run.metrics else None, "confusion": figures[-1], "mistakes": mistakes,
-        "per_class": per_class_rows(s["test"], run.classes),
-        "confused": confused_pairs(s["test"]["confusion_matrix"], run.classes),
+        "per_class": per_class_rows(s.test, run.classes),
+        "confused": confused_pairs(s.test.confusion_matrix, run.classes),
         "model": model_table(run),
         "origin": model_origin(run),
     }
@@ -392,9 +398,9 @@ def run_section(index: int, run: RunData, permuted_of: dict[str, str]) -> tuple[
 # ----------------------------------------------------------------------------- understanding the model
 
 
-def balanced(summary: dict) -> str | None:
-    value = summary["test"].get("balanced_accuracy")
-    return pct(value) if value is not None else None
+def balanced(summary: RunSummary) -> str | None:
+    value = summary.test_value("balanced_accuracy")
+    return metrics.get("balanced_accuracy").format(value) if value is not None else None
 
 
 def with_balanced_accuracy(rows: list[dict[str, Any]], runs: list[RunData]) -> list[dict[str, Any]]:
@@ -404,7 +410,7 @@ def with_balanced_accuracy(rows: list[dict[str, Any]], runs: list[RunData]) -> l
 
     values: dict[str, list[float]] = {}
     for run in runs:
-        value = run.summary["test"].get("balanced_accuracy")
+        value = run.summary.test_value("balanced_accuracy")
         if value is not None:
             values.setdefault(variant_of(run.name), []).append(value)
     return [{**row, "balanced_accuracy": stat(values[row["variant"]]).format(100) if row["variant"] in values
@@ -413,7 +419,7 @@ def with_balanced_accuracy(rows: list[dict[str, Any]], runs: list[RunData]) -> l
 
 def class_distribution(run: RunData) -> dict[str, Any] | None:
     """Images per class in each split (summary.json's data.class_counts), with each class's share."""
-    counts = (run.summary.get("data") or {}).get("class_counts")
+    counts = (run.summary.data or {}).get("class_counts")
     if not counts:
         return None
     splits = [name for name in ("train", "val", "test") if counts.get(name)]
@@ -429,14 +435,14 @@ def class_distribution(run: RunData) -> dict[str, Any] | None:
 def calibration(run: RunData, key: str) -> tuple[dict[str, Any] | None, plots.Plot | None]:
     """ECE and the reliability diagram: from summary.json's "calibration" (before and after temperature
     scaling), else (an older run) from the probabilities in predictions.npz."""
-    cal = run.summary.get("calibration")
+    cal = run.summary.calibration
     if cal is None:
         pred = run.predictions or {}
         if "probs" not in pred or "y_true" not in pred:
             return None, None
         import torch
 
-        from classlab.evaluate import ece_of, reliability_bins
+        from classlab.metrics import ece_of, reliability_bins
 
         rel = reliability_bins(torch.from_numpy(pred["probs"]), torch.from_numpy(pred["y_true"]).long())
         cal = {"temperature": None, "ece": ece_of(rel), "reliability": rel}
@@ -454,13 +460,12 @@ def calibration(run: RunData, key: str) -> tuple[dict[str, Any] | None, plots.Pl
 
 
 def tta_view(run: RunData) -> dict[str, Any] | None:
-    tta = run.summary.get("test_tta")
+    tta = run.summary.test_tta
     if not tta:
         return None
-    plain = run.summary["test"]["accuracy"]
-    return {"views": ", ".join(tta["views"]), "accuracy": pct(tta["accuracy"]), "plain": pct(plain),
-            "diff": points(tta["accuracy"] - plain), "balanced_accuracy": pct(tta["balanced_accuracy"]),
-            "macro_f1": f"{tta['macro_f1']:.4f}", "ece": f"{tta['ece']:.4f}"}
+    plain = run.summary.test_value("accuracy")
+    return {"views": ", ".join(tta["views"]), "plain": pct(plain), "diff": points(tta["accuracy"] - plain),
+            **{m.name: m.format(tta[m.name]) for m in metrics.METRICS.values() if tta.get(m.name) is not None}}
 
 
 def cam_view(run: RunData, key: str) -> tuple[dict[str, Any] | None, plots.Plot | None]:

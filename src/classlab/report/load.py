@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from classlab.errors import ClasslabError
+from classlab.results import EpochRow, RunSummary, row_from, summary_from
 from classlab.runs import RunFolder, atomic_write_json, find_failed, find_runs
 
 
@@ -25,17 +26,21 @@ class RunData:
 
     name: str
     path: Path
-    summary: dict
+    summary: RunSummary
     config: dict
-    metrics: list[dict]
+    metrics: list[EpochRow]
     preprocessing: dict | None
     model_rows: list[dict] | None
     model_text: str | None
     predictions: dict[str, np.ndarray] | None
 
+    def __post_init__(self) -> None:  # the typed results, also when given as the files' documents
+        self.summary = summary_from(self.summary)
+        self.metrics = [row_from(r) for r in self.metrics]
+
     @property
     def classes(self) -> list[str]:
-        return [str(c) for c in self.summary.get("classes", [])]
+        return [str(c) for c in self.summary.classes]
 
     @property
     def planned_epochs(self) -> int | None:
@@ -69,7 +74,7 @@ def load_run(folder: RunFolder) -> RunData:
     summary = folder.read_summary()
     model_text, model_table = folder.read_model_summary()
     return RunData(
-        name=str(summary.get("name", folder.name)),
+        name=summary.name or folder.name,
         path=folder.path,
         summary=summary,
         config=folder.read_config() if folder.config_path.is_file() else {},

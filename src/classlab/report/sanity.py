@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from classlab.evidence import VariantRow, variant_of
 from classlab.report.load import RunData
+from classlab.results import RunSummary
 
 VAL_ABOVE_TRAIN = 0.10  # accuracy points (as a fraction) at the last epoch
 NOISE_AUTOCORRELATION = 0.3  # below this, a map's neighbouring pixels are nearly independent: it looks like noise
@@ -26,9 +27,9 @@ class Note:
     text: str
 
 
-def chance_level(summary: dict) -> float:
+def chance_level(summary: RunSummary) -> float:
     """What always predicting the most common test class scores (1/K on a balanced test set)."""
-    support = summary["test"]["per_class"]["support"]
+    support = summary.test.per_class["support"]
     total = sum(support)
     return max(support) / total if total else 0.0
 
@@ -93,7 +94,7 @@ def _noise(a: VariantRow, b: VariantRow, runs: list[RunData]) -> tuple[float, st
     """95% half-width of the difference of two accuracies: over seeds when both have ≥ 3, else binomial."""
     if a.accuracy.has_interval and b.accuracy.has_interval:
         return math.hypot(a.accuracy.ci95, b.accuracy.ci95), "95% interval over seeds"
-    sizes = {variant_of(r.name): sum(r.summary["test"]["per_class"]["support"]) for r in runs}
+    sizes = {variant_of(r.name): sum(r.summary.test.per_class["support"]) for r in runs}
 
     def var(row: VariantRow) -> float:
         p = row.accuracy.mean
@@ -124,7 +125,7 @@ def no_test_images(runs: list[RunData]) -> list[Note]:
     """Classes a run's test split has no image of (only with data.allow_missing_classes: else loading fails)."""
     by_missing: dict[tuple[str, ...], list[str]] = {}
     for run in runs:
-        support = run.summary["test"]["per_class"]["support"]
+        support = run.summary.test.per_class["support"]
         missing = tuple(c for c, n in zip(run.classes, support, strict=False) if n == 0)
         if missing:
             by_missing.setdefault(missing, []).append(run.name)

@@ -13,7 +13,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from classlab import metrics
 from classlab.errors import ClasslabError
+from classlab.results import EpochRow
 
 
 @dataclass
@@ -21,7 +23,7 @@ class EarlyStopper:
     """Tracks the monitored metric; `best_state` holds the weights of the best epoch so far."""
 
     patience: int | None
-    monitor: str = "val_loss"
+    monitor: str = "loss"  # a validation metric of classlab.metrics (the epoch row's val_<monitor>)
     min_delta: float = 0.0
     keep_best: bool = True
     best: float = math.inf
@@ -31,7 +33,7 @@ class EarlyStopper:
 
     @property
     def sign(self) -> float:
-        return 1.0 if self.monitor == "val_loss" else -1.0  # accuracy, macro F1: higher is better
+        return -metrics.get(self.monitor).sign()  # minimised: -accuracy, +loss
 
     def update(self, epoch: int, value: float | None, model: nn.Module) -> bool:
         """Record an epoch; True when it is the best so far by the monitored validation metric (every epoch
@@ -52,6 +54,11 @@ class EarlyStopper:
     def should_stop(self) -> bool:
         return self.patience is not None and self.bad_epochs >= self.patience
 
+    @staticmethod
+    def stops(state: dict, patience: int | None) -> bool:
+        """Whether the stopper whose `state_dict()` this is stops training at this epoch (a checkpoint's view)."""
+        return patience is not None and state["bad_epochs"] >= patience
+
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                 "best_state": copy.copy(self.best_state)}
@@ -59,6 +66,20 @@ class EarlyStopper:
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
         self.best_state = state["best_state"]
+
+
+# an epoch row's bookkeeping keys: not a measurement
+NOT_LOGGED = ("epoch", "best", "stacked")
+
+
+def epoch_scalars(row: dict | EpochRow) -> dict[str, float]:
+    """Every finite number of an epoch row (train_*, val_* for each validation metric, lr, seconds, ...),
+    with each parameter group's learning rate as lr.<group>: what the trackers log, so no key is missed."""
+    row = row.to_json() if isinstance(row, EpochRow) else row
+    out = {k: float(v) for k, v in row.items()
+           if k not in NOT_LOGGED and isinstance(v, int | float) and not isinstance(v, bool)}
+    out.update({f"lr.{g}": float(lr) for g, lr in (row.get("lrs") or {}).items()})
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 class TensorBoardLogger:
@@ -74,12 +95,10 @@ class TensorBoardLogger:
         if writer is None:
             return
         epoch = row["epoch"]
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
-            if row.get(key) is not None:
-                group, _, name = key.partition("_")
-                writer.add_scalar(f"{name or group}/{group}" if name else key, row[key], epoch)
-        for group, lr in row.get("lrs", {}).items():
-            writer.add_scalar(f"lr_group/{group}", lr, epoch)
+        for key, value in epoch_scalars(row).items():
+            group, _, name = key.partition("_")
+            tag = f"{name}/{group}" if group in ("train", "val") else key.replace(".", "_group/", 1)
+            writer.add_scalar(tag, value, epoch)
         writer.flush()
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ Precision policy (`train.amp`): on CUDA, bf16 autocast where the GPU has bf16 te
 capability >= 8.0: A100, H100, L4, RTX 30xx on), else fp16 autocast with a GradScaler (T4, V100, P100:
 bf16 there is emulated, slow or missing). On the CPU, fp32 always: bf16 is slower than fp32 on CPUs
 without AMX, and entering a disabled torch.autocast costs microseconds per step, which a small model's
-step notices. Evaluation is fp32 everywhere (evaluate.predict_logits).
+step notices. Evaluation is fp32 everywhere (train.forward.predict_logits).
 """
 
 from __future__ import annotations

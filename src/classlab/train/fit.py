@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from classlab import metrics
 from classlab.config import RunConfig
 from classlab.data import ImageData
 from classlab.errors import ClasslabError
@@ -198,7 +199,7 @@ class _Loop:
         for c in self.cfgs:
             es = c.train.early_stopping
             # without early stopping a run keeps its final weights (as a plain loop would); with it, the best
-            self.stoppers.append(EarlyStopper(es.patience if es else None, es.monitor if es else "val_loss",
+            self.stoppers.append(EarlyStopper(es.patience if es else None, es.monitor if es else "loss",
                                               es.min_delta if es else 0.0, keep_best=es is not None))
         self.histories: list[list[dict]] = [[] for _ in range(self.k)]
         self.active = [True] * self.k
@@ -263,8 +264,8 @@ class _Loop:
                     f"(learning rate {self.members.lr(k):g}); lower train.lr or check the data")
 
     def _validate(self) -> dict[str, list[float]] | None:
-        """Per-member validation metrics (loss, accuracy, macro F1, balanced accuracy); rank 0's numbers in
-        every rank (they drive early stopping, which all must agree on)."""
+        """Per-member validation metrics (every metric of the registry computed on validation, as val_<name>);
+        rank 0's numbers in every rank (they drive early stopping, which all must agree on)."""
         if self.val is None:
             return None
 
@@ -273,18 +274,9 @@ class _Loop:
             logits = self.members.eval_logits(images, self.eval_tf, self.tc.eval_batch_size)
             k, n, c = logits.shape
             per = loss_fn(logits.reshape(k * n, c), labels.repeat(k), self.tc, reduction="none").view(k, n)
-            pred = logits.argmax(2)
-            # one confusion matrix per member: cm[k, true, predicted]
-            index = (torch.arange(k, device=pred.device).view(k, 1) * c + labels) * c + pred
-            cm = torch.bincount(index.flatten(), minlength=k * c * c).view(k, c, c).double()
-            tp, support, predicted = cm.diagonal(dim1=1, dim2=2), cm.sum(2), cm.sum(1)
-            recall = tp / support.clamp_min(1)
-            f1 = 2 * tp / (support + predicted).clamp_min(1)  # = 2PR / (P + R); 0 where undefined, as sklearn
-            present = support > 0
-            total = max(n, 1)
-            return {"val_loss": (per.sum(1) / total).tolist(),
-                    "val_accuracy": ((pred == labels).sum(1) / total).tolist(), "val_macro_f1": f1.mean(1).tolist(),
-                    "val_balanced_accuracy": ((recall * present).sum(1) / present.sum(1).clamp_min(1)).tolist()}
+            cm = metrics.confusion_matrix(labels, logits.argmax(2), c)  # one per member: cm[k, true, predicted]
+            values = {"loss": per.sum(1) / max(n, 1), **metrics.of_confusion(cm, metrics.VALIDATION)}
+            return {metrics.VAL_PREFIX + name: values[name].tolist() for name in metrics.VALIDATION}
 
         return distributed.decided_by_main(evaluate)
 
@@ -357,7 +349,8 @@ class _Loop:
                 row.update(lr=lrs[i][0], lrs=lrs[i][1])
                 m.sync(i)
                 stopper = self.stoppers[i]
-                row["best"] = stopper.update(epoch, row.get(stopper.monitor) if self.val else None, m.models[i])
+                row["best"] = stopper.update(epoch, row.get(metrics.VAL_PREFIX + stopper.monitor) if self.val else None,
+                                             m.models[i])
                 row["seconds"] = seconds / k
                 row["train_seconds"] = train_seconds / k
                 row["images_per_s"] = seen * k / max(train_seconds, 1e-9)
@@ -378,8 +371,8 @@ class _Loop:
                 for i, _, _ in done:
                     if self.stopped_early[i] and hasattr(progress, "note"):
                         stop = self.stoppers[i]
-                        progress.note(f"{self.cfgs[i].name}: early stopping: no {stop.monitor} improvement for "
-                                      f"{stop.bad_epochs} epochs; keeping epoch {stop.best_epoch}")
+                        progress.note(f"{self.cfgs[i].name}: early stopping: no {metrics.VAL_PREFIX}{stop.monitor} "
+                                      f"improvement for {stop.bad_epochs} epochs; keeping epoch {stop.best_epoch}")
             for i, row, state in done:
                 for callback in self.callbacks:
                     callback(i, row, state)

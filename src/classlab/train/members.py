@@ -29,11 +29,11 @@ from torch import nn
 
 from classlab.config import RunConfig, TrainConfig
 from classlab.errors import ClasslabError
-from classlab.evaluate import predict_logits
 from classlab.models.freeze import frozen_batchnorm_to_eval, parameter_groups
 from classlab.models.mlp import MLP
 from classlab.plan import optimizer_key
 from classlab.train import distributed
+from classlab.train.forward import predict_logits
 from classlab.train.optim import build_optimizer, build_scheduler, loss_fn
 from classlab.train.speed import channels_last_input, to_channels_last
 from classlab.transforms import BatchTransform
