@@ -1,7 +1,7 @@
 """A run's results as types: `EpochRow` (one line of metrics.jsonl) and `RunSummary` (summary.json).
 
 RunFolder reads and writes them; everything else reads a run's numbers through their attributes and the
-metric registry (`summary.test.value("macro_f1")`, `row.val("loss")`), never by spelling a file's keys.
+metric registry (`summary.test.value(name)`, `row.val(name)`), never by spelling a file's keys.
 Each metric of classlab.metrics is a field of its own (made from the registry, so a new metric is one
 registry entry). `migrate` is the one place that brings a file of an older run format up to this one.
 """
