@@ -25,6 +25,7 @@ from classlab.io import atomic_write_json
 from classlab.locks import RunLock, RunLocked
 from classlab.models import build_model
 from classlab.models.summary import layer_table_text, model_table, parameter_count
+from classlab.observers import StudyObserver, TensorBoardObserver, study_observers
 from classlab.photo import input_stats
 from classlab.plan import (
     PlannedRun,
@@ -37,9 +38,8 @@ from classlab.plan import (
 )
 from classlab.results import RunSummary
 from classlab.runs import RunFolder
-from classlab.tracking import StudyTracker, open_tracker
 from classlab.train import distributed
-from classlab.train.callbacks import EarlyStopper, TensorBoardLogger, TimeEstimate
+from classlab.train.callbacks import EarlyStopper, TimeEstimate
 from classlab.train.device import resolve_device
 from classlab.train.fit import FitResult, fit
 from classlab.train.progress import EpochProgress
@@ -84,7 +84,7 @@ class StudyResult:
     busy: list[str] = field(default_factory=list)  # skipped: another process holds their lock
     waiting: list[str] = field(default_factory=list)  # runs of the whole study neither finished nor failed
     writer: bool = True  # this process wrote the run folders (rank 0 under torchrun): it prints and reports
-    report: tuple[Path, Path] | None = None  # (html, md) when the study already wrote its report (for MLflow)
+    report: tuple[Path, Path] | None = None  # (html, md): the study's report, made once here (None: not made)
 
 
 @dataclass
@@ -268,7 +268,7 @@ class _Trainer:
         self.failed: list[str] = []
         self.busy: list[str] = []
         self.estimate: TimeEstimate | None = None
-        self.tracker: StudyTracker | None = None  # MLflow, when the study has track.mlflow
+        self.observers: list[StudyObserver] = [TensorBoardObserver()]  # + MLflow with track.mlflow (run_study)
         self.callbacks: list = []  # more fit callbacks, after the save (a search trial's pruning)
 
     def run_folder(self, run: PlannedRun) -> RunFolder:
@@ -373,7 +373,6 @@ class _Trainer:
             self.console.print(f"[dim]training {len(ready)} runs together: {', '.join(p.cfg.name for p in ready)}[/]")
         main = distributed.is_main()
         callbacks = []
-        tensorboard = None
         if main:
             def save(k: int, row: dict, state: dict) -> None:
                 # best.pt before last.pt before metrics: a kill between two writes leaves nothing that claims
@@ -385,11 +384,9 @@ class _Trainer:
                     folder.save_best(state["model"], row["epoch"])
                 folder.write_metrics(state["history"])
 
-            tensorboard = TensorBoardLogger([p.folder.tensorboard_dir if p.cfg.train.tensorboard else None
-                                             for p in ready])
-            callbacks = [save, tensorboard] + ([self.estimate] if self.estimate is not None else [])
-            if self.tracker is not None:
-                callbacks.append(self.tracker.start_runs(ready))
+            for observer in self.observers:
+                observer.runs_start(ready)
+            callbacks = [save, *(o.epoch for o in self.observers)] + ([self.estimate] if self.estimate else [])
             callbacks += self.callbacks
         epochs = ready[0].cfg.train.epochs
         try:
@@ -397,8 +394,8 @@ class _Trainer:
                           self.device, callbacks=callbacks, resume=[p.resume for p in ready],
                           progress=(lambda name: EpochProgress(self.console, name, epochs)) if main else None)
         finally:
-            if tensorboard is not None:
-                tensorboard.close()
+            for observer in self.observers if main else ():
+                observer.runs_end()
         for prep, result in zip(ready, results, strict=True):
             if result.notes and main:
                 prep.folder.write_run_log(prep.folder.read_run_log() + result.notes)
@@ -407,15 +404,15 @@ class _Trainer:
             if result.failed is not None:
                 if main:
                     prep.folder.mark_failed(result.failed)
-                    if self.tracker is not None:
-                        self.tracker.run_failed(prep.folder, result.failed)
+                    for observer in self.observers:
+                        observer.run_end(prep.folder, result.failed)
                 _say(self.console, f"failed: {result.failed}", "red")
                 self.failed.append(prep.cfg.name)
                 continue
             # the test set, predictions and summary: rank 0's work; the other ranks get its summary (or error)
             self.summaries.append(distributed.decided_by_main(lambda p=prep, r=result: _finish_run(p, r, self.device)))
-            if main and self.tracker is not None:
-                self.tracker.run_finished(prep.folder)
+            for observer in self.observers if main else ():
+                observer.run_end(prep.folder, None)
 
 
 def train_run(cfg: RunConfig, folder: RunFolder, device: torch.device, console: Console,
@@ -481,6 +478,20 @@ def _evidence_settings(study: StudyConfig, selected: str | None) -> dict:
             "min_effect": study.evidence.min_effect}
 
 
+def study_report(folder: Path, selected: str | None, console: Console) -> tuple[Path, Path] | None:
+    """report.html, report.md and comparison.json of the study folder, with the selected variant as the reference;
+    a report that cannot be made is a warning (training succeeded: `classlab report` re-makes it)."""
+    from classlab.errors import one_line
+    from classlab.report import make_report
+
+    try:
+        return make_report(folder, reference=selected)
+    except ClasslabError as e:
+        _say(console, f"warning: report not written: {one_line(e)}; re-make it with classlab report {folder}",
+             "yellow")
+        return None
+
+
 def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), console: Console | None = None,
               options: RunOptions | None = None, **flags) -> StudyResult:
     """Train every run of a study file; failed runs are reported and the rest go on.
@@ -497,7 +508,10 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     if study.search is not None:  # trials asked from Optuna, not planned here
         from classlab.trials import run_search
 
-        return run_search(path, study, options, console)
+        result = run_search(path, study, options, console)
+        if result.writer and not options.worker:
+            result.report = study_report(result.folder, result.selected, console)
+        return result
     planned = expand(study, where=str(path))
     variants = sorted({p.variant for p in planned})
     if study.select is not None and study.select.variant is not None and study.select.variant not in variants:
@@ -521,7 +535,7 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     if unknown:
         raise ClasslabError(f"--restart-run {unknown[0]}: no such run in {path}; runs: "
                             f"{', '.join(p.config.name for p in planned)}")
-    tracker = None
+    observers: list[StudyObserver] = []
     try:
         mine = planned
         done = sum(RunFolder(folder / p.config.name).is_complete for p in mine) if not restart else 0
@@ -539,7 +553,8 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
             from classlab.report.load import write_run_order  # the report lists the runs in this order
 
             write_run_order(folder, [p.config.name for p in planned], [p.variant for p in planned])
-        trainer.tracker = tracker = open_tracker(study, folder, planned, console) if writer else None
+        if writer:
+            trainer.observers = observers = study_observers(study, folder, planned, console)
         started = time.perf_counter()
         if not options.retry_failed and not restart:
             gave_up = [p for p in mine if trainer.run_folder(p).is_failed]
@@ -572,12 +587,13 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
         console.print(f"[dim]study finished in {time.perf_counter() - started:.1f}s[/]")
         waiting = [p.config.name for p in planned
                    if not trainer.run_folder(p).is_complete and not trainer.run_folder(p).is_failed]
-        report = None
-        if tracker is not None:
-            report = tracker.close(trainer.failed, waiting, report=not options.worker, reference=selected)
+        # the report, made here once for the whole study folder (a --jobs worker leaves it to its parent)
+        report = study_report(folder, selected, console) if writer and not options.worker else None
+        for observer in observers:
+            observer.study_end(trainer.failed, waiting, report)
     except BaseException as e:
-        if tracker is not None:
-            tracker.abort(e)
+        for observer in observers:
+            observer.abort(e)
         raise
     finally:
         distributed.cleanup(joined)
