@@ -251,11 +251,11 @@ def test_a_local_ray_instance_runs_the_demo_grid_as_tasks(tmp_path: Path, monkey
     _patient_ray(monkeypatch)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        code = run_on_ray(path, [], "local", None, "cpu", False, Console(width=200))
+        result = run_on_ray(path, [], "local", None, "cpu", False, Console(width=200))
     finally:
         ray.shutdown()
     folder = tmp_path / "runs" / "demo"
-    assert code == 0 and all(RunFolder(folder / n).is_complete for n in ("original", "permuted"))
+    assert not result.failed and all(RunFolder(folder / n).is_complete for n in ("original", "permuted"))
 
 
 @pytest.mark.slow
@@ -276,9 +276,9 @@ def test_a_two_node_ray_cluster_runs_the_demo_grid(tmp_path: Path, monkeypatch) 
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        code = run_on_ray(path, [], cluster.address, None, "cpu", False, Console(width=200))
+        result = run_on_ray(path, [], cluster.address, None, "cpu", False, Console(width=200))
     finally:
         ray.shutdown()
         cluster.shutdown()
     folder = tmp_path / "runs" / "demo"
-    assert code == 0 and all(RunFolder(folder / n).is_complete for n in ("original", "permuted"))
+    assert not result.failed and all(RunFolder(folder / n).is_complete for n in ("original", "permuted"))

@@ -129,8 +129,13 @@ def run(
             raise ClasslabError("--ray and --jobs / --nproc: choose one (Ray places the runs itself)")
         from classlab.ray_runs import run_on_ray
 
-        code = run_on_ray(path, override, ray_address, storage, device, restart, console)
-        raise typer.Exit(code)
+        result = run_on_ray(path, override, ray_address, storage, device, restart, console)
+        if result.writer and result.summaries:
+            print_comparison(result.summaries, f"{result.study.name}: test set", folder=result.folder,
+                             reference=result.selected)
+        if result.writer:
+            _report_when_ready(result)
+        raise typer.Exit(1 if result.failed else 0)
     if nproc != 1:
         if jobs != 1:
             raise ClasslabError("--jobs and --nproc: choose one (--nproc splits each run, --jobs splits the study)")

@@ -140,9 +140,9 @@ _trial_remote = _Lazy(_trial_task)
 
 
 def run_on_ray(path: Path, overrides: list[str], address: str, storage: str | None, device: str | None,
-               restart: bool, console: Console) -> int:
+               restart: bool, console: Console) -> Any:
     """Train the study's runs (or its search's trials) as Ray tasks, then finish it here (select, confirm,
-    retrain, report) like `--jobs`' final pass. Returns the exit code."""
+    retrain) like `--jobs`' final pass; returns that pass's StudyResult (the command prints and reports it)."""
     from classlab.config import load_study
 
     study = load_study(path, overrides)
@@ -167,19 +167,11 @@ def run_on_ray(path: Path, overrides: list[str], address: str, storage: str | No
     console.print(f"Ray: {len(outcomes)} task(s) in {time.perf_counter() - started:.1f}s "
                   f"({', '.join(f'{v} {k}' for k, v in _count(outcomes).items())})", style="dim", markup=False,
                   highlight=False)
-    from classlab.cli import print_comparison
     from classlab.study import RunOptions, run_study
 
-    result = run_study(path, overrides, console=console,
-                       options=RunOptions(device=device, retry_failed=False, finish_only=True, storage=storage,
-                                          restart_retrain=restart))
-    if result.writer and result.summaries:
-        print_comparison(result.summaries, f"{study.name}: test set", folder=result.folder, reference=result.selected)
-    if result.writer:
-        from classlab.cli import _report_when_ready
-
-        _report_when_ready(result)
-    return 1 if result.failed else 0
+    return run_study(path, overrides, console=console,
+                     options=RunOptions(device=device, retry_failed=False, finish_only=True, storage=storage,
+                                        restart_retrain=restart))
 
 
 def _count(outcomes: list[str]) -> dict[str, int]:
