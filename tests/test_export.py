@@ -141,3 +141,62 @@ def test_resize_as_matrices_equals_torch(size, mode):
     expected = BatchTransform(pre, None, torch.device("cpu"))(x)
     assert torch.allclose(Preprocessing(pre)(x), expected, atol=1e-4)
     assert torch.allclose(resize_matrix(28, size[0], mode).sum(1), torch.ones(size[0]))  # rows are averages
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    """Two tiny runs on the demo images whose numbers include their eval section: a fitted temperature alone,
+    and a temperature with test-time augmentation (mirror and ±12° rotations)."""
+    root = tmp_path_factory.mktemp("export-eval")
+    study = {
+        "name": "cal", "out_dir": str(root / "runs"), "seeds": [0],
+        "data": {"dataset": "demo", "val_fraction": 0.2, "subset": SUBSET, "resize": 32},
+        "model": {"name": "cnn", "layers": TINY_CNN},
+        "train": {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.003},
+        "runs": [{"name": "temperature", "eval": {"temperature_scaling": True}},
+                 {"name": "tta", "eval": {"temperature_scaling": True, "tta": ["hflip", "rotate:12"]}}],
+    }
+    result = run_study(write_study(root / "cal.yaml", study), device="cpu", console=Console(file=io.StringIO()))
+    assert not result.failed
+    return root / "runs" / "cal"
+
+
+@pytest.mark.parametrize("kind", ["temperature", "tta"])
+def test_export_gives_the_runs_own_probabilities_temperature_and_tta_in_the_graph(calibrated, tmp_path, kind):
+    """Issue 26.3: the exported model's probabilities are classlab predict's (and, without TTA, predictions.npz's),
+    with the fitted temperature and the test-time views in the graph; preprocessing.json says so."""
+    run = calibrated / kind
+    loaded = load_run(run, "cpu")
+    assert loaded.temperature is not None and loaded.temperature != pytest.approx(1.0, abs=1e-3)
+    images = run_test_images(run)
+    expected = predict_images(loaded, images)
+    onnx = export_run(run, tmp_path / "model.onnx")
+    got = ort.InferenceSession(str(onnx.path), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+    scripted = export_run(run, tmp_path / "model.pt", "torchscript")
+    with torch.no_grad():
+        traced = torch.jit.load(str(scripted.path))(torch.from_numpy(images)).numpy()
+    for probs in (got, traced):
+        assert np.abs(probs - expected).max() < 1e-3 and (probs.argmax(1) == expected.argmax(1)).all()
+    plain = np.load(run / "predictions.npz")["probs"]
+    if kind == "temperature":
+        assert np.abs(got - plain).max() < TOLERANCE
+    else:  # predictions.npz holds the plain view's probabilities; the TTA average differs, as predict's does
+        assert np.abs(expected - plain).max() > 1e-3
+    doc = json.loads(onnx.preprocessing.read_text())
+    assert any(step.startswith("temperature: logits / ") for step in doc["in_graph"])
+    assert doc["temperature"] == pytest.approx(loaded.temperature)
+    if kind == "tta":
+        assert doc["tta"] == ["hflip", "rotate:12"]
+        assert "identity, hflip, rotate:12, rotate:-12" in doc["in_graph"][0]
+        assert doc["in_graph"][-1] == "average of the 4 views' probabilities"
+
+
+def test_another_image_size_is_refused_by_name_not_inside_a_matmul(calibrated, tmp_path):
+    """The resize in the graph goes from the run's stored size only: TorchScript says which shape it takes."""
+    result = export_run(calibrated / "temperature", tmp_path / "model.pt", "torchscript")
+    model = torch.jit.load(str(result.path))
+    shape = r"takes uint8 images N x 1 x 28 x 28 .* \(got \[2, 1, 40, 40\]\)"
+    with pytest.raises((torch.jit.Error, RuntimeError), match=shape):
+        model(torch.zeros((2, 1, 40, 40), dtype=torch.uint8))
+    doc = json.loads(result.preprocessing.read_text())
+    assert doc["input_size"].startswith("28 x 28 only") and "[32, 32]" in doc["input_size"]

@@ -1,11 +1,19 @@
 """`classlab export`: a run's model, with its preprocessing folded into the graph, as ONNX or TorchScript.
 
 The exported graph takes what a dataset stores, uint8 images N×C×H×W at the run's stored shape (any N),
-and returns class probabilities (N×K float32). Inside it, exactly the run's evaluation transform
-(transforms.BatchTransform without augmentation): to float, the pixel permutation (one Gather), gray → RGB,
-the resize, the normalization (one multiply-add), then the model and a softmax. So another program needs
-nothing of classlab: beside the model file go `preprocessing.json` (the run's stored preprocessing, what the
-graph does with it, the input and output names) and `classes.txt` (one class name a line, in output order).
+and returns the run's own class probabilities (N×K float32), those of predictions.npz and `classlab predict`.
+Inside it, exactly the run's evaluation transform (transforms.BatchTransform without augmentation): to float,
+the pixel permutation (one Gather), gray → RGB, the resize, the normalization (one multiply-add), then the
+model, the fitted temperature (eval.temperature_scaling: logits / T) and a softmax; with eval.tta, the same for
+each test-time view (mirror images by a Gather, rotations by one GridSample on a fixed grid, rounded to uint8
+as tta.rotate_uint8) and the probabilities averaged. So another program needs nothing of classlab: beside the
+model file go `preprocessing.json` (the run's stored preprocessing, everything the graph does with it, the
+input and output names) and `classes.txt` (one class name a line, in output order).
+
+The input size is the run's stored H×W, and only that: the resize in the graph goes from the stored size to
+the model's (fixed matrices), so another size is refused, by onnxruntime's shape check and, in TorchScript, by
+a check at the graph's start naming the shape it takes. A photo of any size goes through `classlab predict`,
+which prepares and resizes it to the stored shape first.
 
 The resize is the run's own (torch's interpolate: its mode, antialiased when a side shrinks, as
 BatchTransform) written as two matrix products, `Wh @ x @ Ww^T`: that resize is separable and linear in the
@@ -21,6 +29,7 @@ ONNX uses torch's TorchScript-based exporter (`dynamo=False`): it needs no packa
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -79,7 +88,7 @@ class Preprocessing(nn.Module):
                              else torch.empty(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+        x = x.float()  # uint8 images, or their uint8 values as float (a test-time view)
         if self.permute:
             x = x.flatten(2).index_select(2, self.perm).view(x.shape)
         if self.to_rgb:
@@ -89,16 +98,72 @@ class Preprocessing(nn.Module):
         return x * self.scale + self.shift
 
 
-class Exported(nn.Module):
-    """Preprocessing, the trained model and a softmax: uint8 images in, probabilities out."""
+class View(nn.Module):
+    """One test-time view of uint8-valued images (as float), as tta.view_fn does it: the image, its mirror image
+    (a Gather with reversed indices), or a rotation (GridSample on the grid tta.rotate_uint8 computes, zeros
+    outside, rounded back to 0..255)."""
 
-    def __init__(self, pre: Preprocess, model: nn.Module) -> None:
+    def __init__(self, name: str, shape: tuple[int, int, int]) -> None:
         super().__init__()
+        c, h, w = shape
+        self.name = name
+        self.axis = {"hflip": 3, "vflip": 2}.get(name, 0)
+        self.register_buffer("reverse", torch.arange((w if self.axis == 3 else h) - 1, -1, -1) if self.axis
+                             else torch.empty(0, dtype=torch.int64))
+        self.rotate = name.startswith("rotate:")
+        grid = torch.empty(0)
+        if self.rotate:
+            a = math.radians(float(name.split(":", 1)[1]))
+            theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
+            grid = F.affine_grid(theta[None], [1, c, h, w], align_corners=False)
+        self.register_buffer("grid", grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.axis:
+            return x.index_select(self.axis, self.reverse)
+        if self.rotate:
+            grid = self.grid.expand(x.shape[0], -1, -1, -1)
+            out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            return out.round().clamp(0, 255)
+        return x
+
+
+@torch.jit.script
+def check_shape(x: torch.Tensor, c: int, h: int, w: int, message: str) -> torch.Tensor:
+    """TorchScript's own check of the input's shape (kept as code by the trace, not frozen into it)."""
+    if x.dim() != 4 or x.size(1) != c or x.size(2) != h or x.size(3) != w:
+        raise RuntimeError(message + " (got " + str(list(x.shape)) + ")")
+    return x
+
+
+class Exported(nn.Module):
+    """Preprocessing, the trained model, the run's temperature and a softmax, averaged over its test-time views:
+    uint8 images in, the run's own probabilities out."""
+
+    def __init__(self, pre: Preprocess, model: nn.Module, temperature: float | None = None,
+                 tta: tuple[str, ...] | list[str] = (), check: bool = False) -> None:
+        super().__init__()
+        from classlab.tta import view_names
+
         self.preprocess = Preprocessing(pre)
         self.model = model
+        self.temperature = float(temperature) if temperature else 1.0
+        self.views = nn.ModuleList(View(name, tuple(pre.stored_shape)) for name in view_names(list(tta)))
+        self.check = check
+        c, h, w = pre.stored_shape
+        self.shape = (int(c), int(h), int(w))
+        self.message = (f"this model takes uint8 images N x {c} x {h} x {w} (the run's stored shape); resize or "
+                        "prepare other images first (classlab predict does)")
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocess(image)).float().softmax(1)
+        if self.check:
+            image = check_shape(image, self.shape[0], self.shape[1], self.shape[2], self.message)
+        x = image.float()
+        total = None
+        for view in self.views:
+            probs = (self.model(self.preprocess(view(x))).float() / self.temperature).softmax(1)
+            total = probs if total is None else total + probs
+        return total if len(self.views) == 1 else total / len(self.views)
 
 
 @dataclass
@@ -123,7 +188,7 @@ def export_run(run: str | Path, out: str | Path | None = None, fmt: str = "onnx"
     loaded = load_run(run, "cpu")
     out = Path(out) if out is not None else default_output(run, fmt)
     started = time.perf_counter()
-    module = Exported(loaded.pre, loaded.model).eval()
+    module = Exported(loaded.pre, loaded.model, loaded.temperature, loaded.tta, check=fmt == "torchscript").eval()
     example = torch.zeros((2, *loaded.stored_shape), dtype=torch.uint8)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,14 +251,30 @@ def describe(loaded, fmt: str, model_file: str) -> dict:
     if pre.resize is not None and (h, w) != tuple(pre.resize):
         steps.append(f"resize to {list(pre.resize)} ({getattr(pre, 'interpolation', 'bilinear')}, as torch's "
                      "interpolate, antialiased when a side shrinks)")
-    steps += ["normalize: (x / 255 - mean) / std per channel", "model", "softmax"]
+    steps += ["normalize: (x / 255 - mean) / std per channel", "model"]
+    if loaded.temperature:
+        steps.append(f"temperature: logits / {loaded.temperature:.6g} (eval.temperature_scaling, temperature.json)")
+    steps.append("softmax")
+    if loaded.tta:
+        from classlab.tta import view_names
+
+        views = view_names(list(loaded.tta))
+        steps.insert(0, f"test-time augmentation (eval.tta): every step below for each view of the image ("
+                     f"{', '.join(views)}; a rotation bilinear about the centre, zeros outside, rounded to uint8)")
+        steps.append(f"average of the {len(views)} views' probabilities")
     return {
         "format": fmt,
         "model_file": model_file,
         "input": {"name": INPUT, "dtype": "uint8", "layout": "NCHW", "shape": ["batch", c, h, w],
                   "range": "0..255, as the dataset stores images"},
         "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(pre.classes)],
-                   "meaning": "class probabilities, in the order of classes"},
+                   "meaning": "class probabilities, in the order of classes: the run's own, as classlab predict "
+                   "gives them" + (" (averaged over the eval.tta views, as test_tta; predictions.npz holds the plain "
+                                   "view's)" if loaded.tta else " and predictions.npz holds them")},
+        "input_size": f"{h} x {w} only (the run's stored size; the resize in the graph goes from it to the model's "
+                      f"{list(pre.input_shape[1:])}); another size is refused",
+        "temperature": loaded.temperature,
+        "tta": list(loaded.tta),
         "in_graph": steps,
         "classes": list(pre.classes),
         "photo_preparation": ("outside the graph: gray, invert when the background is lighter than the object, "
