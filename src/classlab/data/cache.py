@@ -41,7 +41,7 @@ import numpy as np
 import PIL
 import torch
 
-from classlab.data.folder import UNREADABLE, decode_arrays, open_image, size_mismatch
+from classlab.data.files import UNREADABLE, decode_arrays, open_image, size_mismatch
 from classlab.data.locate import default_root
 from classlab.errors import ClasslabError
 from classlab.io import FILE_MODE, atomic_write, commit

@@ -6,20 +6,18 @@ Unreadable files are skipped and reported, never fatal: real folders hold a few 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from classlab.decode import GRAY_MODES, decode
+from classlab.data.cache import decoded_images
+from classlab.data.files import UNREADABLE, decode_arrays, open_image, size_mismatch  # noqa: F401 (re-exported)
+from classlab.decode import GRAY_MODES
 from classlab.errors import ClasslabError
 
-# what a broken or odd file raises while decoding: it is skipped and listed, never fatal
-UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
 
@@ -44,20 +42,6 @@ def find_splits(root: Path) -> dict[str, Path]:
                 found[split] = root / name
                 break
     return found
-
-
-def open_image(path: str | Path, channels: int, size: tuple[int, int] | None) -> np.ndarray:
-    """One image as uint8 H×W×C, decoded as a photo is (classlab.decode: transparency on black, 16-bit
-    scaled to 8 bits, EXIF orientation), then converted to `channels` and resized (bilinear) to `size`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with Image.open(path) as img:
-            img = decode(img, alpha_on="black")
-    img = img.convert("L" if channels == 1 else "RGB")
-    if size is not None and img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def _guess_channels(files: Sequence[str | Path]) -> int:
@@ -104,34 +88,6 @@ def list_class_files(folder: Path, classes: list[str], hidden: list[str] | None 
         files = [p for p in _walk_files(class_dir, hidden) if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
         items.extend((p, index) for p in files)
     return items
-
-
-def decode_arrays(items: Sequence[tuple[str | Path, int]], channels: int, size: tuple[int, int] | None,
-                  like: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode every file once (numpy only, so it runs in a forked worker): uint8 N×H×W×C, int64 labels and
-    the unreadable files. All must share one size (that of `like`, when given) unless `size` resizes them."""
-    arrays: list[np.ndarray] = []
-    labels: list[int] = []
-    skipped: list[str] = []
-    for path, label in items:
-        try:
-            arr = open_image(path, channels, size)
-        except UNREADABLE as e:
-            skipped.append(f"{path} ({type(e).__name__})")
-            continue
-        first = like or (arrays[0].shape if arrays else None)
-        if first is not None and arr.shape != first:
-            raise size_mismatch(path, arr.shape, first)
-        arrays.append(arr)
-        labels.append(label)
-    if not arrays:
-        return np.empty((0, 1, 1, channels), np.uint8), np.empty(0, np.int64), skipped
-    return np.stack(arrays), np.asarray(labels, dtype=np.int64), skipped
-
-
-def size_mismatch(path: str | Path, shape: tuple[int, ...], first: tuple[int, ...]) -> ClasslabError:
-    return ClasslabError(f"{path}: size {shape[1]}×{shape[0]} differs from {first[1]}×{first[0]} of the first image; "
-                         "set data.image_size: [H, W] to resize all images at load time")
 
 
 def decode_files(items: Sequence[tuple[str | Path, int]], channels: int, size: tuple[int, int] | None) -> FolderSplit:
@@ -186,8 +142,6 @@ def read_image_folder(
         raise ClasslabError(f"{first}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if channels is None:
         channels = _guess_channels([p for p, _ in train_items])
-    from classlab.data.cache import decoded_images  # cache imports this module
-
     decoded = {split: FolderSplit(*decoded_images(items, channels, size)) for split, items in listed.items()}
     for split, part in decoded.items():  # listed with the unreadable files: run.log names every file left out
         part.skipped = [*part.skipped, *hidden[split]]
