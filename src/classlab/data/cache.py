@@ -143,7 +143,8 @@ def _cached(path: Path, key: str, items: Sequence[tuple[str | Path, int]], chann
             return _as_tensors(*_decode(items, channels, size, workers))
         if built is not None:
             return built
-    return read_cache(path, key) or _as_tensors(*_decode(items, channels, size, workers))
+    # no image could be read: nothing was cached, and the caller's one line names the files
+    return _as_tensors(*_decode(items, channels, size, workers))
 
 
 def _uncached(path: Path, e: OSError, items: Sequence[tuple[str | Path, int]], channels: int,
