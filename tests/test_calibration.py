@@ -153,7 +153,7 @@ def test_retrain_drops_temperature_scaling():
 
     study = validate(StudyConfig, {"name": "s", "data": {"val_fraction": 0.2}, "model": {"name": "mlp"},
                                    "eval": {"temperature_scaling": True, "tta": ["hflip"]},
-                                   "select": {"by": "val_accuracy"}, "retrain_on": "train+val"})
+                                   "select": {"by": "accuracy"}, "retrain_on": "train+val"})
     planned = expand(study)
     assert planned[0].config.eval.temperature_scaling
     again = retrain_plan(planned, planned[0].variant, "s")

@@ -420,7 +420,7 @@ def test_selected_cell_is_confirmed_with_fresh_seeds(run_cli, tmp_path):
     data = make_idx_folder(tmp_path / "toy", n_train=120, n_test=60)
     study = tiny_study(tmp_path, data, runs=[{"name": "plain"}, {"name": "fast", "train": {"lr": 0.03}}])
     study["seeds"], study["train"]["epochs"] = [0, 1], 1
-    study["select"], study["evidence"] = {"by": "val_accuracy"}, {"min_effect": 0.05}
+    study["select"], study["evidence"] = {"by": "accuracy"}, {"min_effect": 0.05}
     code, out, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
     assert code == 0, err
     folder = tmp_path / "runs" / "toy"

@@ -122,7 +122,7 @@ def test_a_sigkilled_workers_trial_is_resumed_by_another_worker(tmp_path: Path) 
     space = {"train.lr": {"loguniform": [1e-3, 1e-2]}}
     path = _study(tmp_path, n_train=3000, epochs=4, search={"space": space, "trials": 1,
                                                     "sampler": "random", "pruner": "none"},
-                  select={"by": "val_accuracy", "confirm_top": 0})
+                  select={"by": "accuracy", "confirm_top": 0})
     folder = tmp_path / "runs" / "toy"
     proc, out = _start(path, tmp_path, "a")
     metrics = folder / "trial-0000" / "metrics.jsonl"
@@ -155,7 +155,7 @@ def test_the_median_pruner_prunes_a_bad_learning_rate_and_the_best_is_confirmed(
     hold the history."""
     path = _study(tmp_path, epochs=3, search={"space": {"train.lr": {"choice": [0.02, 0.03, 1e-7]}}, "sampler": "grid",
                                     "pruner": "median", "startup_trials": 2},
-                  select={"by": "val_accuracy", "confirm_top": 2, "confirm_seeds": 2}, retrain_on="train+val")
+                  select={"by": "accuracy", "confirm_top": 2, "confirm_seeds": 2}, retrain_on="train+val")
     result = run_study(path, device="cpu")
     folder = tmp_path / "runs" / "toy"
     trials = {t.params["train.lr"]: t for t in _trials(folder)}
@@ -184,7 +184,7 @@ def test_a_search_resumed_after_ctrl_c_continues_its_trial_count(tmp_path: Path,
 
     path = _study(tmp_path, epochs=2, search={"space": {"train.lr": {"loguniform": [1e-3, 1e-1]}}, "trials": 3,
                                     "sampler": "random", "pruner": "none"},
-                  select={"by": "val_accuracy", "confirm_top": 0})
+                  select={"by": "accuracy", "confirm_top": 0})
     real_fit = study_mod.fit
 
     def fit_until(*args, **kwargs):

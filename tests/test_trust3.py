@@ -48,7 +48,7 @@ def test_select_without_validation_fails_before_training(tmp_path, idx_folder, r
     """Issue 26.8: checked before any run trains, as early stopping is."""
     study = tiny_study(tmp_path, idx_folder, runs=[{"name": "a"}, {"name": "b", "train": {"lr": 0.003}}])
     study["data"]["val_fraction"] = None
-    study["select"] = {"by": "val_accuracy"}
+    study["select"] = {"by": "accuracy"}
     code, out, err = run_cli("run", str(write_study(tmp_path / "s.yaml", study)))
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from classlab.locks import RunLock, RunLocked
 from classlab.models import build_model
 from classlab.models.summary import layer_table_text, model_table, parameter_count
 from classlab.observers import StudyObserver, TensorBoardObserver, study_observers
+from classlab.outcome import RunOptions, StudyResult
 from classlab.photo import input_stats
 from classlab.plan import (
     PlannedRun,
@@ -45,46 +46,6 @@ from classlab.train.fit import FitResult, fit
 from classlab.train.progress import EpochProgress
 from classlab.transforms import Preprocess, preprocess_for
 from classlab.transforms import describe as describe_preprocess
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How `run_study` runs a study (the CLI's flags), apart from what the study file says.
-
-    `storage`: Optuna storage (search.open_storage) that a search, or a grid's queue, lives in; `queue`:
-    train a grid's runs as queued trials of that storage, `batch` popped at a time, so any number of workers
-    (processes, machines) share the study, each run trained once. `steal_locks`: take over a run's lock
-    (set for a trial Optuna saw the worker of die). `worker`: a process of `classlab run --jobs N`
-    (it leaves select / retrain to its parent), `finish_only`: that parent's final pass of a search (no
-    trials, only confirm / select / retrain); `retry_failed=False`
-    (that parent's final pass) lists runs that failed as failed instead of retraining them, and
-    `restart_retrain` retrains the selected variant from scratch even when `restart` is off.
-    `restart_runs` retrains the named runs from scratch (`--restart-run NAME`), the others as usual."""
-
-    device: str | None = None
-    restart: bool = False
-    restart_runs: frozenset[str] = frozenset()
-    storage: str | None = None
-    queue: bool = False
-    batch: int = 1
-    steal_locks: bool = False
-    worker: bool = False
-    finish_only: bool = False
-    retry_failed: bool = True
-    restart_retrain: bool = False
-
-
-@dataclass
-class StudyResult:
-    study: StudyConfig
-    folder: Path
-    summaries: list[RunSummary]
-    failed: list[str]
-    selected: str | None = None
-    busy: list[str] = field(default_factory=list)  # skipped: another process holds their lock
-    waiting: list[str] = field(default_factory=list)  # runs of the whole study neither finished nor failed
-    writer: bool = True  # this process wrote the run folders (rank 0 under torchrun): it prints and reports
-    report: tuple[Path, Path] | None = None  # (html, md): the study's report, made once here (None: not made)
 
 
 @dataclass
@@ -508,7 +469,7 @@ def run_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), con
     if study.search is not None:  # trials asked from Optuna, not planned here
         from classlab.trials import run_search
 
-        result = run_search(path, study, options, console)
+        result = run_search(path, study, options, console, _Trainer)
         if result.writer and not options.worker:
             result.report = study_report(result.folder, result.selected, console)
         return result

@@ -15,6 +15,7 @@ from rich.console import Console
 from classlab import search
 from classlab.config import RunConfig, StudyConfig, validate
 from classlab.errors import ClasslabError
+from classlab.outcome import RunOptions, StudyResult
 from classlab.plan import PlannedRun, retrain_plan, run_config_dict
 from classlab.runs import RunFolder
 from classlab.train import distributed
@@ -22,7 +23,9 @@ from classlab.train import distributed
 if TYPE_CHECKING:
     import optuna
 
-    from classlab.study import RunOptions, StudyResult, _Trainer
+
+
+_Trainer = Any  # study._Trainer: trains, claims and finishes runs (passed in, never imported: no cycle)
 
 
 def _say(console: Console, text: str, style: str | None = None) -> None:
@@ -132,10 +135,11 @@ def open_queue(study: StudyConfig, folder: Path, planned: list[PlannedRun], stor
 # ----------------------------------------------------------------------------- a search
 
 
-def run_search(path: str | Path, study: StudyConfig, options: RunOptions, console: Console) -> StudyResult:
+def run_search(path: str | Path, study: StudyConfig, options: RunOptions, console: Console,
+               trainer_type: type[_Trainer]) -> StudyResult:
     """Train a search study's trials (this process is one of its workers), then, unless it is a `--jobs`
-    worker or other workers still train trials, finish it: artifacts, confirmation, select, retrain."""
-    from classlab.study import StudyResult, _Trainer
+    worker or other workers still train trials, finish it: artifacts, confirmation, select, retrain.
+    `trainer_type` is study._Trainer, handed in by study.run_study (this module does not import the study)."""
     from classlab.train.device import resolve_device
 
     folder = Path(study.out_dir).expanduser() / str(study.name)
@@ -147,7 +151,7 @@ def run_search(path: str | Path, study: StudyConfig, options: RunOptions, consol
     writer = distributed.is_main()
     if not writer:
         console = Console(quiet=True)
-    trainer = _Trainer(folder, dev, console, options)
+    trainer = trainer_type(folder, dev, console, options)
     started = time.perf_counter()
     try:
         ostudy = None
