@@ -69,7 +69,7 @@ def test_readme_flags_and_presets_are_there():
                  "model.layers[].conv.out", "select.rule", "seeds", "grid"):
         assert path in keys, path
     assert (keys["train.epochs"].type, keys["train.epochs"].default) == ("int > 0", "10")
-    assert keys["train.early_stopping.monitor"].type.startswith("val_loss | val_accuracy")
+    assert keys["train.early_stopping.monitor"].type.startswith("loss | accuracy")  # the metric registry's names
     assert keys["train.early_stopping.patience"].default == "3"
     assert keys["data.augment.hflip"].type == "float in [0, 1]"
     assert keys["data.normalize.mean"].default == "required"
