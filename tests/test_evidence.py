@@ -445,3 +445,20 @@ def test_tied_seeds_do_not_make_p_zero():
     tied = evidence.prediction_t(0.80, [0.79, 0.79], floor=floor)
     assert 0.01 < tied.p < 0.05 and tied.se > 0
     assert evidence.welch([0.80, 0.80], [0.79, 0.79], floor=floor).p > 0
+
+
+def test_the_bootstrap_statistics_are_the_registry_metrics():
+    """evidence.confusion_stats computes the registry's EVIDENCE metrics in numpy (vectorized over bootstrap
+    draws); it must give the registry's own values, classes missing from the predictions included."""
+    import torch
+
+    from classlab import metrics
+
+    rng = np.random.default_rng(3)
+    cms = rng.integers(0, 20, size=(16, 5, 5)).astype(float)
+    cms[0, :, 2] = 0  # a class never predicted
+    cms[1, 3, :] = 0  # a class with no images
+    stats = evidence.confusion_stats(cms)
+    for column, name in enumerate(metrics.EVIDENCE):
+        expected = metrics.get(name).of_confusion(torch.as_tensor(cms)).numpy()
+        np.testing.assert_allclose(stats[:, column], expected, rtol=1e-12, atol=1e-12)

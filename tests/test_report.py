@@ -274,7 +274,7 @@ def test_demo_report_has_verdicts_and_comparison_json(demo_runs):
     assert 'id="evidence"' in html and "verdict" in html and "Holm correction was applied" in html
     assert rows["accuracy"]["verdict"] in html and 'id="variant-diff-classes"' in html
     md = (demo_runs / "report.md").read_text()
-    assert "## Is the difference real?" in md and "| permuted vs original | accuracy | 1 / 1 |" in md
+    assert "## Is the difference real?" in md and "| permuted vs original | accuracy | models | 1 / 1 |" in md
     assert "## Variant diff: permuted against original" in md
 
 
@@ -311,7 +311,7 @@ def test_context_of_seeded_variants_with_predictions():
     assert context["reference"] == "a" and context["seed_bands"] and len(context["seeded"]) == 2
     accuracy = next(r for r in context["evidence"] if r["metric"] == "accuracy")
     assert accuracy["verdict"] == "better" and accuracy["seeds"] == "2 / 2" and accuracy["diff"].startswith("+")
-    assert "hierarchical bootstrap over seeds and test images" in context["evidence_tests"]
+    assert "Welch t test on per-seed metrics" in context["evidence_tests"]  # the settings question (issue 25)
     rows = {r["variant"]: r for r in context["comparison"]}
     assert rows["a"]["verdict"] == "reference" and rows["b"]["verdict"] == "better"
     diff = context["variant_diff"]

@@ -27,10 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, special, stats
 
+from classlab import metrics
+from classlab.results import summary_from
+
 ALPHA = 0.05
 POWER = 0.8
 N_BOOT = 1000
-METRICS = ("accuracy", "macro_f1")
+METRICS = metrics.EVIDENCE  # the registry's metrics a comparison tests (confusion_stats computes them)
 SETTINGS, MODELS = "settings", "models"  # the question a verdict answers
 QUESTIONS = {SETTINGS: "would the difference hold on other seeds?",
              MODELS: "do these two trained models differ on this test set?"}
@@ -97,30 +100,36 @@ def stat(values: list[float]) -> Stat:
 
 @dataclass(frozen=True)
 class VariantRow:
+    """One variant's line of the comparison table: the registry's table metrics (metrics.TABLE) on the test
+    split as mean ± sd over its runs, read as attributes (row.accuracy) by the terminal and the report."""
+
     variant: str
     runs: list[str]
-    accuracy: Stat
-    loss: Stat
-    macro_f1: Stat
+    values: dict[str, Stat]
     parameters: int
     epochs: Stat
     seconds: Stat
     val_accuracy: Stat | None
 
+    def __getattr__(self, name: str) -> Stat:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
 
 def compare_runs(summaries: list[dict]) -> list[VariantRow]:
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list] = {}
     for s in summaries:
-        groups.setdefault(variant_of(s["name"]), []).append(s)
+        s = summary_from(s)
+        groups.setdefault(variant_of(s.name), []).append(s)
     rows = []
     for variant, runs in groups.items():
         vals = [r["best_val"]["accuracy"] for r in runs if r.get("best_val")]
         rows.append(VariantRow(
             variant=variant,
-            runs=[r["name"] for r in runs],
-            accuracy=stat([r["test"]["accuracy"] for r in runs]),
-            loss=stat([r["test"]["loss"] for r in runs]),
-            macro_f1=stat([r["test"]["macro"]["f1"] for r in runs]),
+            runs=[r.name for r in runs],
+            values={name: stat([r.test_value(name) for r in runs]) for name in metrics.TABLE},
             parameters=int(runs[0]["parameters"]["total"]),
             epochs=stat([r["epochs_run"] for r in runs]),
             seconds=stat([r["seconds"] for r in runs]),

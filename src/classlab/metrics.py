@@ -150,6 +150,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 )}
 VALIDATION = tuple(m.name for m in METRICS.values() if m.validation)  # an epoch row's val_<name> keys
 TABLE = ("accuracy", "loss", "macro_f1")  # the comparison table's metric columns (terminal and report)
+EVIDENCE = ("accuracy", "macro_f1")  # what evidence.py tests between variants (its bootstrap, vectorized in numpy,
+# computes these two from confusion matrices; tests/test_evidence.py checks it against this registry)
 # older spellings of a validation metric (early stopping's monitor said val_<name>)
 OLD_NAMES = {VAL_PREFIX + name: name for name in VALIDATION}
 

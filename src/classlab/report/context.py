@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from classlab import __version__, evidence, metrics
 from classlab.errors import ClasslabError
@@ -234,7 +235,8 @@ def out_of_fold_views(runs: list[RunData]) -> list[dict[str, Any]]:
             "or failed)")
         views.append({"variant": variant, "folds": len(group), "passes": pooled["passes"],
                       "images": pooled["pool_size"], "confusion": plot, "per_class": rows, "gap": gap,
-                      "macro_f1": f"{sum(pc['f1']) / len(classes):.3f}"})
+                      "scores": {name: f"{float(value):.3f}" for name, value in metrics.of_confusion(
+                          torch.as_tensor(pooled["confusion"], dtype=torch.float64), metrics.EVIDENCE).items()}})
     return views
 
 
@@ -559,5 +561,6 @@ def build_context(study_name: str, runs: list[RunData], failed: list[FailedRun],
         "seeded": seeded, "seed_bands": bool(seeded) and overlay is not None, "variant_diff": diff,
         "out_of_fold": out_of_fold,
         "all_runs": run_rows(runs), "overlay": overlay, "runs": sections, "failed": failed, "lr_finds": lr_finds,
+        "outside_study": [], "search": None,  # a study folder's: filled by report.make_report from its files
     }
     return context, figures
