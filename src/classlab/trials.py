@@ -5,7 +5,9 @@ the paired tests, then select and retrain as in any study."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,14 +65,29 @@ def _outcome(ostudy: optuna.Study, trial: optuna.Trial, folder: RunFolder, objec
 # ----------------------------------------------------------------------------- a grid's shared queue
 
 
+@contextlib.contextmanager
+def _holding(ostudy: optuna.Study | None) -> Iterator[tuple[list[Any], Any]]:
+    """The trials a worker holds and its heartbeat: on any exit the heartbeat stops; on an error (Ctrl-C, a
+    crash) the trials still held go back to the storage for another worker."""
+    beat = search.Heartbeat(ostudy) if ostudy is not None else None
+    held: list[Any] = []
+    try:
+        yield held, beat
+    except BaseException:
+        if ostudy is not None and held:
+            search.give_back(ostudy, held)
+        raise
+    finally:
+        if beat is not None:
+            beat.close()
+
+
 def work_queue(trainer: _Trainer, planned: list[PlannedRun], ostudy: optuna.Study | None, restart: bool,
                batch: int) -> None:
     """Pop queued runs until none is left, `batch` at a time (runs popped together may train stacked), and
     train them; rank 0 talks to the storage, every rank trains."""
     by_name = {p.config.name: p for p in planned}
-    beat = search.Heartbeat(ostudy) if ostudy is not None else None
-    held: list[Any] = []
-    try:
+    with _holding(ostudy) as (held, beat):
         while True:
             def take() -> list[str]:
                 held.clear()
@@ -99,13 +116,6 @@ def work_queue(trainer: _Trainer, planned: list[PlannedRun], ostudy: optuna.Stud
                     _outcome(ostudy, trial, trainer.run_folder(by_name[name]), None, name in busy)
                     beat.drop(trial)
                 held.clear()
-    except BaseException:
-        if ostudy is not None and held:
-            search.give_back(ostudy, held)
-        raise
-    finally:
-        if beat is not None:
-            beat.close()
 
 
 def _fail() -> Any:
@@ -269,10 +279,8 @@ def _work(study: StudyConfig, where: str, ostudy: optuna.Study | None, trainer: 
     s = study.search
     space = search.space_of(study)
     started = time.monotonic()
-    beat = search.Heartbeat(ostudy) if ostudy is not None else None
-    held: list[Any] = []
     prune = s.pruner != "none" and not distributed.is_distributed()  # fit has no cross-rank stop: off under DDP
-    try:
+    with _holding(ostudy) as (held, beat):
         while True:
             def ask() -> tuple[dict, bool, int] | None:
                 held.clear()
@@ -295,13 +303,6 @@ def _work(study: StudyConfig, where: str, ostudy: optuna.Study | None, trainer: 
             if held:
                 beat.drop(held[0])
             held.clear()
-    except BaseException:
-        if ostudy is not None and held:
-            search.give_back(ostudy, held)
-        raise
-    finally:
-        if beat is not None:
-            beat.close()
 
 
 def raw_params(raw: dict, space: dict) -> dict[str, Any]:
